@@ -1,0 +1,47 @@
+# Facial-landmark pipeline: train -> export -> INT8 -> benchmark -> gate.
+# `make all` sets up a fresh machine and runs the main job on the shipped model and ../shared data.
+PY      ?= .venv/bin/python
+MODEL   ?= models/pfld68_w05.pt
+ART     ?= artifacts/pfld68_w05
+THREADS ?= 1,2
+
+.PHONY: all venv export quantize benchmark gate test test-fast train clean
+
+all: venv export quantize benchmark gate
+
+venv: .venv/.installed
+.venv/.installed: requirements.txt
+	python3 -m venv .venv
+	# torch first and pinned: the local CPU wheel, not several GB of CUDA packages
+	.venv/bin/pip install --quiet torch==2.13.0
+	.venv/bin/pip install --quiet -r requirements.txt
+	touch $@
+
+export: venv
+	$(PY) export/run.py --checkpoint $(MODEL) --out $(ART)
+
+quantize: export
+	$(PY) quantize/run.py --bundle-dir $(ART)
+
+benchmark: venv
+	$(PY) benchmark/run.py --backend all --precision fp32,fp16,int8 --threads $(THREADS) \
+		--bundles $(ART) --checkpoint $(MODEL) --out $(ART)/benchmark
+
+# CI gate: a quick benchmark of the gated rows, then limits from benchmark/gates.json
+gate: quantize
+	$(PY) benchmark/gate.py --bundles $(ART) --checkpoint $(MODEL)
+
+test: venv
+	$(PY) -m pytest -q
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow"
+
+# Reproduces the shipped model (about 1 hour on 2 cores; resumes from runs/w300_w05/last.pt)
+train: venv
+	$(PY) train/run.py fit --dataset 300w --width 0.5 --epochs 120 --batch-size 32 \
+		--out runs/w300_w05 --threads 2
+	$(PY) train/ship.py runs/w300_w05/best.pt $(MODEL)
+
+clean:
+	rm -rf artifacts

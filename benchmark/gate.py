@@ -1,0 +1,214 @@
+"""CI gate: compare the records of a finished benchmark run with the committed limits in
+benchmark/gates.json and exit non-zero when one is violated or missing.
+
+    python benchmark/run.py --backend all --threads 1      # measure (see `make gate`)
+    python benchmark/gate.py                               # check artifacts/pfld68_w05/benchmark
+
+Gated: size on disk of each listed bundle (bytes); absolute NME ceilings per evaluation set
+(every ok row of a listed bundle and the torch reference); drift against the torch FP32 row
+per execution precision (NME difference and mean point shift); INT8 / FP32 median-latency
+ratios measured in the same run (rows paired by device, threads and execution precision).
+Absolute latencies are never gated: shared CI machines make them noise. A listed bundle
+without an ok row, or a limit with nothing to measure, is a failure, not a pass.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import click  # noqa: E402
+
+from benchmark.records import RecordError, label, load_run  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_GATES = HERE / "gates.json"
+DEFAULT_RUN = "artifacts/pfld68_w05/benchmark"
+
+
+class GateError(ValueError):
+    """The gates file is missing or malformed."""
+
+
+@dataclass
+class Check:
+    check: str
+    row: str
+    limit: str
+    measured: str
+    ok: bool
+
+
+def load_gates(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise GateError(f"gates file {path} does not exist")
+    try:
+        g = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise GateError(f"{path} is not valid JSON: {e}") from None
+    for key in ("model", "bundles"):
+        if key not in g:
+            raise GateError(f"{path}: missing {key!r}")
+    for name, spec in g["bundles"].items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("max_bytes"), int):
+            raise GateError(f"{path}: bundles.{name} needs an integer 'max_bytes'")
+    for prec, lim in g.get("drift_max", {}).items():
+        if not isinstance(lim, dict) or not set(lim) <= {"nme_delta", "shift_px"}:
+            raise GateError(f"{path}: drift_max.{prec} must hold 'nme_delta' and/or 'shift_px'")
+    for i, pair in enumerate(g.get("speed_ratio_max", [])):
+        if not {"int8", "fp32", "max"} <= set(pair):
+            raise GateError(f"{path}: speed_ratio_max[{i}] needs 'int8', 'fp32' (bundle names) and 'max'")
+    return g
+
+
+def effective_precision(rec: dict) -> str:
+    """The precision the arithmetic ran in: an fp32 bundle OpenVINO executes in bf16 is bf16."""
+    actual = (rec.get("exec_precision") or {}).get("actual")
+    if actual == "bf16" and rec["precision"] in ("fp32", "fp16"):
+        return "bf16"
+    if actual == "f16" and rec["precision"] == "fp32":
+        return "fp16"
+    return rec["precision"]
+
+
+def _pct(v):
+    return f"{v * 100:.2f} %"
+
+
+def evaluate_gates(g: dict, records: list[dict]) -> list[Check]:
+    checks: list[Check] = []
+    model = g["model"]
+    mine = [r for r in records if r.get("model") == model]
+    if not mine:
+        models = sorted({r.get("model") for r in records})
+        checks.append(Check("records", model, "rows of this model", f"none (run has {models})", False))
+        return checks
+    min_faces = int(g.get("min_faces", 1))
+
+    # 1. every listed bundle ran, and its size
+    rows_of = {}
+    for name, spec in g["bundles"].items():
+        rows = [r for r in mine if r["bundle"] == name]
+        ok_rows = [r for r in rows if r["status"] == "ok"]
+        rows_of[name] = ok_rows
+        if not ok_rows:
+            why = "; ".join(f"{r['status']}: {r['reason']}" for r in rows) or "no record in this run"
+            checks.append(Check("measured", name, "an ok row", f"missing ({why})"[:160], False))
+        for r in rows:
+            if r["status"] == "error":
+                checks.append(Check("row status", label(r), "ok", f"error: {r['reason']}"[:160], False))
+        size = next((r.get("size_bytes") for r in rows if r.get("size_bytes") is not None), None)
+        checks.append(Check("size bytes", name, f"<= {spec['max_bytes']:,}",
+                            "missing" if size is None else f"{size:,}",
+                            size is not None and size <= spec["max_bytes"]))
+
+    gated = [r for rs in rows_of.values() for r in rs]
+    ref = [r for r in mine if r.get("role") == "reference" and r["status"] == "ok"]
+
+    # 2. absolute NME ceilings (reference + gated rows)
+    for key, ceiling in g.get("nme_max", {}).items():
+        for r in ref + gated:
+            a = (r.get("accuracy") or {}).get(key)
+            if a is None:
+                checks.append(Check(f"NME {key}", label(r), f"<= {_pct(ceiling)}", "missing", False))
+                continue
+            few = a["count"] < min_faces
+            checks.append(Check(f"NME {key}", label(r), f"<= {_pct(ceiling)}" + (f", >= {min_faces} faces" if few else ""),
+                                f"{_pct(a['nme'])} ({a['count']} faces)", a["nme"] <= ceiling and not few))
+        if not ref:
+            checks.append(Check(f"NME {key}", "torch reference", f"<= {_pct(ceiling)}", "missing (reference row did not run)", False))
+
+    # 3. drift vs torch FP32, per effective precision
+    limits = g.get("drift_max", {})
+    for r in gated:
+        prec = effective_precision(r)
+        lim = limits.get(prec)
+        if lim is None:
+            continue
+        d = r.get("drift")
+        if not d or d.get("max_shift_px") is None:
+            checks.append(Check(f"drift ({prec})", label(r), "measured",
+                                f"missing: {r.get('drift_reason') or 'no drift in record'}", False))
+            continue
+        sets = d["sets"]
+        if "nme_delta" in lim:
+            worst = max(sets, key=lambda k: abs(sets[k].get("nme_delta", 0)))
+            v = d["max_abs_nme_delta"]
+            checks.append(Check(f"drift NME ({prec})", label(r), f"<= {lim['nme_delta'] * 100:.3f} pp",
+                                f"{v * 100:.3f} pp ({worst})", v <= lim["nme_delta"]))
+        if "shift_px" in lim:
+            worst = max(sets, key=lambda k: sets[k].get("shift_px", 0))
+            v = d["max_shift_px"]
+            checks.append(Check(f"drift shift ({prec})", label(r), f"<= {lim['shift_px']:.3f} px",
+                                f"{v:.3f} px ({worst})", v <= lim["shift_px"]))
+
+    # 4. INT8 / FP32 latency ratios, paired within the run
+    for pair in g.get("speed_ratio_max", []):
+        fast, base = rows_of.get(pair["int8"]), rows_of.get(pair["fp32"])
+        if fast is None or base is None:
+            fast = [r for r in mine if r["bundle"] == pair["int8"] and r["status"] == "ok"]
+            base = [r for r in mine if r["bundle"] == pair["fp32"] and r["status"] == "ok"]
+        if "exec" in pair:   # e.g. only the OpenVINO rows pinned to f32
+            fast = [r for r in fast if r["exec_precision"]["hint"] == pair["exec"]]
+        key = lambda r: (r["device"], r["threads"], r["exec_precision"]["hint"])  # noqa: E731
+        base_by = {key(r): r for r in base if r.get("latency")}
+        matched = 0
+        for r in fast:
+            b = base_by.get(key(r))
+            if b is None or not r.get("latency"):
+                continue
+            matched += 1
+            ratio = r["latency"]["median_ms"] / b["latency"]["median_ms"]
+            checks.append(Check("speed int8/fp32", f"{label(r)} vs {b['bundle']}", f"<= {pair['max']:.2f}",
+                                f"{ratio:.2f} ({r['latency']['median_ms']:.2f} / {b['latency']['median_ms']:.2f} ms)",
+                                ratio <= pair["max"]))
+        if not matched:
+            what = f"{pair['int8']} vs {pair['fp32']}" + (f" (exec {pair['exec']})" if "exec" in pair else "")
+            checks.append(Check("speed int8/fp32", what, f"<= {pair['max']:.2f}",
+                                "missing: no pair of ok rows with the same device/threads/exec", False))
+    return checks
+
+
+def format_table(checks: list[Check]) -> str:
+    head = ("check", "row", "limit", "measured", "result")
+    rows = [(c.check, c.row, c.limit, c.measured, "ok" if c.ok else "FAIL") for c in checks]
+    w = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    fmt = lambda cells: "  ".join(str(c).ljust(n) for c, n in zip(cells, w)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * n for n in w])] + [fmt(r) for r in rows])
+
+
+def gate(run_dir: str | Path, gates_path: str | Path = DEFAULT_GATES) -> tuple[bool, list[Check]]:
+    """(passed, checks) for the finished run in `run_dir`; RecordError/GateError on bad input."""
+    g = load_gates(gates_path)
+    _, records = load_run(run_dir)
+    checks = evaluate_gates(g, records)
+    return bool(checks) and all(c.ok for c in checks), checks
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--run", "run_dir", default=DEFAULT_RUN, type=click.Path(file_okay=False),
+              help="the --out folder of a finished benchmark run")
+@click.option("--gates", "gates_path", default=None, type=click.Path(dir_okay=False),
+              help="limits file  [default: benchmark/gates.json]")
+def main(run_dir, gates_path):
+    """Check a benchmark run against the committed limits; exit 1 on any failure."""
+    try:
+        passed, checks = gate(run_dir, gates_path or DEFAULT_GATES)
+    except (RecordError, GateError) as e:
+        click.echo(f"gate FAILED: {e}", err=True)
+        sys.exit(1)
+    click.echo(format_table(checks))
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        click.echo(f"\ngate FAILED: {len(failed)} of {len(checks)} checks\n", err=True)
+        click.echo(format_table(failed), err=True)
+        sys.exit(1)
+    click.echo(f"\ngate passed: {len(checks)} checks")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Render a benchmark run's records to results.md and PNG plots (matplotlib Agg, atomic writes).
+
+    from benchmark.report import render
+    render("artifacts/pfld68_w05/benchmark")     # also: python benchmark/run.py --report-only
+
+Everything here reads the records (and their per-face NME .npz), never a model, so a report
+can be re-rendered from a finished run at any time.
+"""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from benchmark.measure import EVAL_SETS
+from benchmark.records import label, load_arrays, load_run
+from runtime.bundle import atomic_write_bytes, atomic_write_text
+
+SET_TITLES = {"wflw:eval/rect": "WFLW eval, rect crop", "wflw:eval/landmarks": "WFLW eval, landmark crop",
+              "300w:helen_test/landmarks": "HELEN test, landmark crop"}
+SET_SHORT = {"wflw:eval/rect": "WFLW rect", "wflw:eval/landmarks": "WFLW lmk",
+             "300w:helen_test/landmarks": "HELEN lmk"}
+
+
+def _f(v, fmt="{:.2f}", scale=1.0):
+    return "-" if v is None else fmt.format(v * scale if scale != 1.0 else v)
+
+
+def _distinct(records: list[dict]) -> list[dict]:
+    """One ok row per (model, bundle, device, exec hint): accuracy does not depend on threads."""
+    seen, out = set(), []
+    for r in records:
+        key = (r["model"], r["bundle"], r["device"], r["exec_precision"]["hint"])
+        if r["status"] == "ok" and key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def markdown(man: dict, records: list[dict]) -> str:
+    cfg = man.get("config", {})
+    sets = [f"{s}/{p}" for s, p in EVAL_SETS]
+    lines = [f"# Benchmark of {records[0]['model'] if records else '?'}", "",
+             f"Run `{man['run_id']}` started {man['started']}, finished {man.get('finished')}"
+             f" ({man.get('wall_s', '?')} s).  ",
+             f"Command: `{man.get('command', '')}`  ",
+             f"Host: {man['host']}", "",
+             "How to read it:",
+             f"- **median / p90 ms**: engine call on one real face crop (batch 1), {cfg.get('runs')} timed "
+             f"runs after {cfg.get('warmup')} warm-up runs; preprocessing excluded. **pipeline ms**: "
+             "crop + normalise + inference + decode for one face (runtime code). **faces/s**: batch "
+             f"{cfg.get('batch')} throughput (\"-\" when the model has a static batch).",
+             "- **exec**: execution precision the latency was measured with. OpenVINO rows come in "
+             "pairs: `default` = the device's own choice (bf16 on CPUs with AVX512-bf16/AMX), `f32` = "
+             "INFERENCE_PRECISION_HINT f32; the column shows what the device reported. Other engines "
+             "run the model's own precision (\"-\").",
+             "- **size**: all files of the bundle (model, side files, meta.json). **load s**: building "
+             "the engine a second time in the process (cold first-load time is in the record). "
+             "**peak RSS MB**: kernel peak resident set over load + inference minus the resident set "
+             "before the engine was built, in a fresh process per row (engine library included).",
+             "- **NME** (%): mean point error / outer-eye-corner distance; a 68-point model is scored on "
+             "WFLW through the 98 -> 68 map. WFLW = evaluation part of `calibration_split` (faces INT8 "
+             "calibration never saw); `rect` = crop from the official face rectangle (what a detector "
+             "gives), `lmk` = crop from the ground-truth landmark extent. FR / AUC at NME 0.10.",
+             "- **drift**: against the torch FP32 row on the same faces and crops: largest |NME "
+             "difference| over the sets (percentage points) and mean point shift in image pixels "
+             "(largest over the sets).",
+             "- Absolute times depend on the machine and its load; compare rows of one run, and "
+             "gate on ratios (benchmark/gate.py).", "",
+             "## Results", ""]
+    head = ["bundle", "backend", "prec", "device", "exec", "thr", "status", "median ms", "p90 ms",
+            "faces/s", "pipeline ms", "size KB", "load s", "peak RSS MB"] + \
+        [f"NME {SET_SHORT.get(s, s)}" for s in sets] + ["drift NME pp", "shift px"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        ok = r["status"] == "ok"
+        lat, thr = r.get("latency") or {}, r.get("throughput") or {}
+        ex = r["exec_precision"]
+        exec_s = (ex.get("actual") or ex["hint"]) if ex.get("actual") or ex["hint"] != "default" else "-"
+        if ex.get("actual") and ex["hint"] != "default":
+            exec_s = f"{ex['actual']} (hint {ex['hint']})"
+        elif ex.get("actual"):
+            exec_s = f"{ex['actual']} (default)"
+        d = r.get("drift") or {}
+        acc = r.get("accuracy") or {}
+        row = [r["bundle"] + (" (ref)" if r.get("role") == "reference" else ""), r["backend"],
+               r["precision"], r["device"], exec_s, _f(r.get("threads"), "{}"),
+               r["status"] if ok else f"**{r['status']}**",
+               _f(lat.get("median_ms")), _f(lat.get("p90_ms")), _f(thr.get("faces_per_s"), "{:.0f}"),
+               _f((r.get("pipeline_latency") or {}).get("median_ms")),
+               _f(r.get("size_bytes"), "{:.0f}", 1 / 1024), _f(r.get("load_s"), "{:.3f}"),
+               _f(r.get("peak_rss_mb"), "{:.1f}")]
+        row += [_f(acc.get(s, {}).get("nme"), "{:.2f}", 100) for s in sets]
+        row += [_f(d.get("max_abs_nme_delta"), "{:.3f}", 100), _f(d.get("max_shift_px"), "{:.3f}")]
+        lines.append("| " + " | ".join(row) + " |")
+
+    distinct = _distinct(records)
+    if distinct:
+        lines += ["", "## Accuracy per evaluation set", "",
+                  "One row per model and execution precision (accuracy does not depend on threads).", "",
+                  "| row | set | faces | NME % | FR % | AUC | NME diff vs torch (pp) | mean shift px | worst face shift px |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in distinct:
+            for key, a in r["accuracy"].items():
+                ds = ((r.get("drift") or {}).get("sets") or {}).get(key, {})
+                lines.append(f"| {label(r)} | {SET_TITLES.get(key, key)} | {a['count']} | "
+                             f"{a['nme'] * 100:.2f} | {a['fr'] * 100:.1f} | {a['auc']:.3f} | "
+                             f"{_f(ds.get('nme_delta'), '{:+.3f}', 100)} | {_f(ds.get('shift_px'), '{:.3f}')} | "
+                             f"{_f(ds.get('shift_px_max'), '{:.3f}')} |")
+        attrs = ("pose", "expression", "illumination", "makeup", "occlusion", "blur")
+        lines += ["", "## WFLW attribute subsets (NME %, evaluation faces)", "",
+                  "| row | protocol | " + " | ".join(attrs) + " |", "|---|---|" + "---|" * len(attrs)]
+        for r in distinct:
+            for key, a in r["accuracy"].items():
+                if "subsets" in a:
+                    sub = a["subsets"]
+                    cells = [f"{sub[k]['nme'] * 100:.2f} ({sub[k]['count']})" if k in sub else "-" for k in attrs]
+                    lines.append(f"| {label(r)} | {a.get('protocol')} | " + " | ".join(cells) + " |")
+    bad = [r for r in records if r["status"] != "ok"]
+    if bad:
+        lines += ["", "## Skipped and failed rows", "", "| row | status | reason |", "|---|---|---|"]
+        for r in bad:
+            lines.append(f"| {label(r)} ({r['backend']} {r['precision']}) | {r['status']} | "
+                         f"{str(r['reason']).replace('|', '/')} |")
+    lines += ["", f"Records: `records/*.json` (one per row). Plots: latency_vs_nme.png, sizes.png, ced_*.png.", ""]
+    return "\n".join(lines)
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_latency_vs_nme(records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sets = [f"{s}/{p}" for s, p in EVAL_SETS]
+    ok = [r for r in records if r["status"] == "ok" and r.get("latency") and r.get("accuracy")]
+    backends = sorted({r["backend"] for r in ok})
+    colors = {b: plt.cm.tab10(i % 10) for i, b in enumerate(backends)}
+    markers = {"fp32": "o", "fp16": "s", "int8": "^"}
+    fig, axes = plt.subplots(1, len(sets), figsize=(5.2 * len(sets), 4.4), dpi=100, squeeze=False)
+    for ax, key in zip(axes[0], sets):
+        for r in ok:
+            if key not in r["accuracy"]:
+                continue
+            x, y = r["latency"]["median_ms"], r["accuracy"][key]["nme"] * 100
+            ax.scatter(x, y, color=colors[r["backend"]], marker=markers.get(r["precision"], "x"),
+                       s=36, edgecolor="k", linewidth=0.4)
+            ax.annotate(label(r), (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xlabel("latency, batch 1, median (ms)")
+        ax.set_ylabel("NME (%)")
+        ax.set_title(SET_TITLES.get(key, key), fontsize=10)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], color=colors[b], marker="o", ls="", label=b) for b in backends]
+    handles += [plt.Line2D([], [], color="grey", marker=m, ls="", label=p) for p, m in markers.items()]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="best")
+    fig.suptitle("Latency vs accuracy per backend (lower-left is better)", fontsize=11)
+    _save(fig, path)
+
+
+def plot_sizes(records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sizes = {}
+    for r in records:
+        if r.get("size_bytes") and (r["model"], r["bundle"]) not in sizes:
+            sizes[(r["model"], r["bundle"])] = (r["size_bytes"], r["backend"])
+    fig, ax = plt.subplots(figsize=(7, 0.45 * max(3, len(sizes)) + 1), dpi=100)
+    backends = sorted({b for _, b in sizes.values()})
+    colors = {b: plt.cm.tab10(i % 10) for i, b in enumerate(backends)}
+    names = [f"{m}/{b}" if m != records[0]["model"] else b for m, b in sizes]
+    vals = [v / 1024 for v, _ in sizes.values()]
+    ax.barh(names, vals, color=[colors[b] for _, b in sizes.values()])
+    for i, v in enumerate(vals):
+        ax.text(v, i, f" {v:,.0f} KB", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("size on disk, all files of the bundle (KB)")
+    ax.set_xlim(0, max(vals + [1]) * 1.25)
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color=colors[b]) for b in backends], labels=backends,
+              fontsize=8, loc="lower right")
+    ax.set_title("Model size")
+    _save(fig, path)
+
+
+def plot_ceds(records: list[dict], rec_dir: Path, out: Path) -> list[Path]:
+    from train.metrics import plot_ced
+    written = []
+    distinct = [r for r in _distinct(records) if r.get("nme_file")]
+    arrays = {r["id"]: load_arrays(rec_dir / r["nme_file"]) for r in distinct}
+    for s, p in EVAL_SETS:
+        key = f"{s}/{p}"
+        curves = {label(r): arrays[r["id"]][f"{key}|nme"] for r in distinct if f"{key}|nme" in arrays[r["id"]]}
+        if curves:
+            path = out / f"ced_{s.replace(':', '_')}_{p}.png"
+            plot_ced(curves, path, title=f"CED: {SET_TITLES.get(key, key)}")
+            written.append(path)
+    return written
+
+
+def render(out: str | Path, plots: bool = True) -> list[Path]:
+    """Write results.md (and the plots) for the finished run in `out`; returns the paths."""
+    out = Path(out)
+    man, records = load_run(out)
+    atomic_write_text(out / "results.md", markdown(man, records))
+    written = [out / "results.md"]
+    if plots and records:
+        plot_latency_vs_nme(records, out / "latency_vs_nme.png")
+        plot_sizes(records, out / "sizes.png")
+        written += [out / "latency_vs_nme.png", out / "sizes.png"]
+        written += plot_ceds(records, out / "records", out)
+    return written

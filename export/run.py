@@ -1,0 +1,56 @@
+"""Turn a training checkpoint into verified deployable bundles (ONNX, OpenVINO, TFLite).
+
+    python export/run.py                                     # models/pfld68_w05.pt, all targets
+    python export/run.py --checkpoint models/dev.pt --targets onnx_sim_fp32,tflite_fp32
+
+Bad input (no checkpoint, another architecture, unwritable --out, unknown target) exits with
+code 2; a conversion or parity failure exits with code 1; both print the reason, no traceback.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import click  # noqa: E402
+
+from export.stages import TARGETS, ExportError, ExportInputError, export_all  # noqa: E402
+
+CHECKPOINT = "models/pfld68_w05.pt"
+OPSET = 18
+
+
+class Failed(click.ClickException):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@click.command()
+@click.option("--checkpoint", default=CHECKPOINT, show_default=True, type=click.Path(dir_okay=False),
+              help="training checkpoint (train/ship.py output or a run's best.pt)")
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="bundle folder  [default: artifacts/<checkpoint stem>]")
+@click.option("--opset", default=OPSET, show_default=True, type=click.IntRange(min=7),
+              help="ONNX opset of the exported graph")
+@click.option("--targets", default=",".join(TARGETS), show_default=True,
+              help="comma list of targets; what they are converted from / checked against is "
+                   "built too (or reused when already exported from this checkpoint)")
+@click.option("--batch", type=click.Choice(["dynamic", "static"]), default="dynamic",
+              show_default=True, help="batch axis of the ONNX/OpenVINO graphs (TFLite is batch 1)")
+def main(checkpoint, out, opset, targets, batch):
+    """Export a checkpoint to deployable bundles, each checked against its reference on real
+    faces (report: <out>/export_report.json)."""
+    out = out or str(Path("artifacts") / Path(checkpoint).stem)
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    try:
+        export_all(checkpoint, out, targets=names, opset=opset, dynamic_batch=batch == "dynamic",
+                   progress=click.echo)
+    except ExportInputError as e:
+        raise Failed(str(e), 2) from None
+    except ExportError as e:
+        raise Failed(str(e), 1) from None
+
+
+if __name__ == "__main__":
+    main()

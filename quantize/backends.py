@@ -1,0 +1,401 @@
+"""INT8 post-training quantizers, one small class per backend, behind one registry.
+
+Each backend turns an FP32 bundle of its engine format into an INT8 model file:
+
+    onnxruntime  onnxruntime.quantization.quantize_static, QDQ, on the FP32 ONNX bundle
+                 (after quant_pre_process)
+    openvino     nncf.quantize on the FP32 OpenVINO IR bundle
+    tflite       ai-edge-quantizer (installed with litert-torch) static int8 recipe on the FP32
+                 .tflite bundle: a full-integer model (int8 input and output tensors)
+
+A backend knows the FP32 stages it starts from (`parents`, first found wins), the stage it
+writes (`stage`), which calibration methods it supports (`methods`), how the x86/arm presets
+map onto its settings, and the names of its quantizable layers (`layers`), which are what
+the drift search keeps in float (ORT nodes_to_exclude, NNCF ignored_scope, ai-edge-quantizer
+no_quantize recipe entries). `quantize(..., exclude=[...])` keeps those layers float;
+`quantize(..., only=[...])` quantizes just those (the sensitivity ranking).
+
+The registry BACKENDS is what the CLI offers and what the tests parametrize over.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.bundle import model_path
+
+
+class QuantizeError(Exception):
+    """Bad input to the quantizer (data, bundle, option); the message says what and where."""
+
+
+@contextmanager
+def quiet():
+    """Keep the quantizers' chatter (progress bars, C++ logs, warnings) off the console: fds 1
+    and 2 go to a temporary file meanwhile; its tail is attached to an exception if one occurs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                yield
+        except Exception as e:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            log.seek(0)
+            text = log.read().decode(errors="replace").strip()
+            if text:
+                e.add_note("quantizer output (last lines):\n" + text[-2000:])
+            raise
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+# Presets: what "x86" and "arm" mean for each backend (also written to every INT8 meta.json).
+PRESETS = {
+    "x86": "asymmetric 8-bit activations (u8 on onnxruntime, NNCF 'mixed'), symmetric s8 "
+           "weights; VNNI u8 x s8 kernels",
+    "arm": "symmetric s8 activations and symmetric s8 weights (s8 x s8 dot-product kernels)",
+}
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str          # backend-native name used for exclusion
+    kind: str          # op type (Conv, Convolution, CONV_2D, ...)
+    label: str = ""    # readable name (torch module path) where the backend can tell
+
+
+@dataclass(frozen=True)
+class Options:
+    method: str = "minmax"
+    per_channel: bool = True
+    preset: str = "x86"
+
+
+def _digest(x: np.ndarray) -> str:
+    """Identity of a calibration batch, for reusing calibration statistics."""
+    return hashlib.sha1(np.ascontiguousarray(x).tobytes()).hexdigest()
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+class Backend:
+    name = ""
+    engine = ""                         # runtime.engines name that runs the result
+    parents: tuple[str, ...] = ()        # FP32 stages to start from, in order of preference
+    stage = ""                           # INT8 stage written
+    modules: tuple[tuple[str, str], ...] = ()   # (import name, pip package)
+    methods: dict[str, str] = {}         # method -> what the backend does for it
+    primary = ""                         # INT8 primary file name
+    eval_batch = 32                      # faces per engine call when scoring
+    precision: str | None = None         # engine precision hint for FP32 and INT8 scoring
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        for mod, pkg in cls.modules:
+            if importlib.util.find_spec(mod) is None:
+                return False, f"{cls.name} quantization needs the Python package '{pkg}' " \
+                              f"(pip install {pkg})"
+        return True, ""
+
+    @classmethod
+    def check_method(cls, method: str) -> None:
+        if method not in cls.methods:
+            raise QuantizeError(f"--method {method} is not supported by the {cls.name} quantizer; "
+                                f"it supports: {', '.join(cls.methods)}")
+
+    def __init__(self, fp32_meta: dict, work: Path):
+        self.meta = fp32_meta
+        self.src = model_path(fp32_meta)
+        self.work = Path(work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self._cache: dict = {}
+
+    def layers(self) -> list[Layer]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def quantize(self, calib: np.ndarray, opts: Options, out: Path, exclude=(), only=None) -> dict:
+        """Write the INT8 model into folder `out`; return {"files": [...], "settings": {...}}.
+
+        `calib`: NCHW float32 calibration crops. `exclude`: layer names kept float. `only`:
+        if given, quantize just these layers (the sensitivity ranking).
+        """
+        self.check_method(opts.method)
+        with quiet():
+            return self._quantize(calib, opts, Path(out), list(exclude), only)
+
+    def _quantize(self, calib, opts, out, exclude, only) -> dict:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def tool_versions(self) -> dict:
+        return {pkg: _version(pkg) for _, pkg in self.modules}
+
+
+# -- onnxruntime ----------------------------------------------------------------------------
+class OnnxRuntimeQuantizer(Backend):
+    name, engine, stage, primary = "onnxruntime", "onnxruntime", "onnx_int8", "model.onnx"
+    parents = ("onnx_sim_fp32", "onnx_fp32")
+    modules = (("onnxruntime", "onnxruntime"), ("onnx", "onnx"))
+    methods = {"minmax": "CalibrationMethod.MinMax (min/max over all calibration faces)",
+               "percentile": "CalibrationMethod.Percentile (99.999th percentile of |x|)",
+               "entropy": "CalibrationMethod.Entropy (KL-divergence threshold)"}
+    LAYER_OPS = ("Conv", "Gemm", "MatMul")
+
+    def _prepared(self) -> Path:
+        """quant_pre_process once: shape inference + ORT graph optimisation before QDQ."""
+        pre = self.work / "pre.onnx"
+        if not pre.is_file():
+            from onnxruntime.quantization import quant_pre_process
+            quant_pre_process(str(self.src), str(pre))
+        return pre
+
+    def layers(self):
+        import onnx
+        m = onnx.load(str(self._prepared()), load_external_data=False)
+        out = []
+        for n in m.graph.node:
+            if n.op_type in self.LAYER_OPS:
+                # torch.onnx (dynamo) records the module path: ['', 'stem', 'stem.0', 'stem.0.1', op]
+                scope = {p.key: p.value for p in n.metadata_props}.get("pkg.torch.onnx.name_scopes", "")
+                parts = [s.strip(" '\"") for s in scope.strip("[]").split(",")] if scope else []
+                label = parts[-2] if len(parts) >= 2 else ""
+                out.append(Layer(n.name, n.op_type, label))
+        return out
+
+    def _quantize(self, calib, opts, out, exclude, only):
+        import onnx
+        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
+                                              QuantType, quantize_static)
+        method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                  "entropy": CalibrationMethod.Entropy}[opts.method]
+        act = QuantType.QUInt8 if opts.preset == "x86" else QuantType.QInt8
+        extra = {"ActivationSymmetric": opts.preset == "arm", "WeightSymmetric": True}
+        name = next(iter(self._input_names()))
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.it = iter(calib[i:i + 1] for i in range(len(calib)))
+
+            def get_next(self):
+                x = next(self.it, None)
+                return None if x is None else {name: x}
+
+        # calibration ranges depend only on (model, data, method): computed once, reused by the
+        # drift search's many exclude/only variants
+        key = (opts.method, opts.preset, _digest(calib))
+        cache = self._cache.setdefault(key, self.work / f"calib_{opts.method}_{len(self._cache)}.json")
+        out.mkdir(parents=True, exist_ok=True)
+        quantize_static(str(self._prepared()), str(out / self.primary), Reader(),
+                        quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
+                        reduce_range=False, activation_type=act, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=list(exclude), nodes_to_quantize=list(only or []),
+                        calibrate_method=method, extra_options=extra,
+                        calibration_cache_path=str(cache))
+        opset = next((o.version for o in onnx.load(str(out / self.primary)).opset_import
+                      if o.domain in ("", "ai.onnx")), None)
+        return {"files": [self.primary], "opset": opset, "settings": {
+            "tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
+            "pre_process": "quant_pre_process", "activations": str(act).split(".")[-1],
+            "weights": "QInt8", "per_channel": opts.per_channel, "reduce_range": False,
+            "activation_symmetric": opts.preset == "arm", "calibrate_method": str(method),
+            "nodes_to_exclude": list(exclude)}}
+
+    def _input_names(self):
+        import onnx
+        m = onnx.load(str(self._prepared()), load_external_data=False)
+        init = {i.name for i in m.graph.initializer}
+        return [i.name for i in m.graph.input if i.name not in init]
+
+
+# -- OpenVINO through NNCF ------------------------------------------------------------------
+class NNCFQuantizer(Backend):
+    name, engine, stage, primary = "openvino", "openvino", "openvino_int8", "model.xml"
+    # f32 pins the float parts (and the FP32 reference) to full precision: the default on CPUs
+    # with bf16 would add bf16 rounding to what should be the INT8 cost alone
+    precision = "f32"
+    parents = ("openvino_fp32",)
+    modules = (("openvino", "openvino"), ("nncf", "nncf"))
+    methods = {"minmax": "RangeEstimatorParametersSet.MINMAX (min of mins, max of maxes)",
+               "percentile": "RangeEstimatorParametersSet.MEAN_QUANTILE (mean of per-face "
+                             "1e-4 / 1-1e-4 quantiles)"}
+    LAYER_OPS = ("Convolution", "GroupConvolution", "MatMul")
+
+    def _model(self):
+        import openvino as ov
+        return ov.Core().read_model(str(self.src))
+
+    def layers(self):
+        return [Layer(op.get_friendly_name(), op.get_type_name())
+                for op in self._model().get_ordered_ops() if op.get_type_name() in self.LAYER_OPS]
+
+    def _quantize(self, calib, opts, out, exclude, only):
+        import nncf
+        import openvino as ov
+        from nncf.quantization.advanced_parameters import (AdvancedQuantizationParameters,
+                                                           QuantizationParameters)
+        from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+        nncf.set_log_level(logging.WARNING)   # its INFO lines list every skipped quantizer
+        model = self._model()
+        if only is not None:
+            # everything else float: the other layers by name, every other op type by type
+            keep = set(only)
+            names = [ly.name for ly in self.layers() if ly.name not in keep]
+            types = sorted({op.get_type_name() for op in model.get_ops()} - set(self.LAYER_OPS))
+            scope = nncf.IgnoredScope(names=names, types=types, validate=False)
+        else:
+            scope = nncf.IgnoredScope(names=list(exclude)) if exclude else None
+        estimator = {"minmax": RangeEstimatorParametersSet.MINMAX,
+                     "percentile": RangeEstimatorParametersSet.MEAN_QUANTILE}[opts.method]
+        preset = nncf.QuantizationPreset.MIXED if opts.preset == "x86" else \
+            nncf.QuantizationPreset.PERFORMANCE
+        adv = AdvancedQuantizationParameters(
+            activations_range_estimator_params=estimator,
+            weights_quantization_params=QuantizationParameters(per_channel=opts.per_channel))
+        data = nncf.Dataset([calib[i:i + 1] for i in range(len(calib))])
+        kwargs = {"ignored_scope": scope} if scope is not None else {}
+        q = nncf.quantize(model, data, preset=preset, target_device=nncf.TargetDevice.CPU,
+                          subset_size=len(calib), fast_bias_correction=True,
+                          advanced_parameters=adv, **kwargs)
+        out.mkdir(parents=True, exist_ok=True)
+        ov.save_model(q, str(out / self.primary), compress_to_fp16=False)
+        return {"files": [self.primary, "model.bin"], "settings": {
+            "tool": "nncf.quantize", "preset": str(preset), "target_device": "CPU",
+            "range_estimator": opts.method, "per_channel_weights": opts.per_channel,
+            "fast_bias_correction": True, "subset_size": len(calib),
+            "ignored_scope": list(exclude)}}
+
+
+# -- TFLite through ai-edge-quantizer ----------------------------------------------------------
+_TORCH_SCOPE = re.compile(r"[A-Za-z0-9_.]+?\.([A-Za-z0-9]+)_([A-Za-z0-9_]+)$")
+
+
+def _tflite_label(tensor: str) -> str:
+    """'PFLD/...Sequential_stem/...Sequential_0/...Conv2d_0;1' -> 'stem.0.0' (best effort)."""
+    last = tensor.split(";;")[-1].split(";")[0]
+    parts = []
+    for seg in last.split("/")[1:]:
+        m = _TORCH_SCOPE.match(seg)
+        if m:
+            parts.append(m.group(2))
+    return ".".join(parts)
+
+
+class LiteRTQuantizer(Backend):
+    name, engine, stage, primary = "tflite", "tflite", "tflite_int8", "model.tflite"
+    eval_batch = 1        # converted graphs have a static batch of 1 (XNNPACK cannot resize them)
+    parents = ("tflite_fp32",)
+    modules = (("ai_edge_quantizer", "ai-edge-quantizer"), ("ai_edge_litert", "ai-edge-litert"))
+    methods = {"minmax": "MIN_MAX_UNIFORM_QUANT (ai-edge-quantizer's min/max, moving-average "
+                         "update over calibration faces, factor 0.95)"}
+    LAYER_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+    def _interp(self):
+        from ai_edge_litert.interpreter import Interpreter
+        return Interpreter(model_path=str(self.src))
+
+    def layers(self):
+        it = self._interp()
+        names = {t["index"]: t["name"] for t in it.get_tensor_details()}
+        out = []
+        for op in it._get_ops_details():  # noqa: SLF001 - the only way to list ops
+            if op["op_name"] in self.LAYER_OPS:
+                tensor = ";".join(names[i] for i in op["outputs"] if i >= 0)
+                out.append(Layer(tensor, op["op_name"], _tflite_label(tensor)))
+        return out
+
+    def _op_config(self, opts):
+        return {"activation_tensor_config": {"num_bits": 8, "symmetric": opts.preset == "arm",
+                                             "granularity": "TENSORWISE", "dtype": "INT"},
+                "weight_tensor_config": {"num_bits": 8, "symmetric": True, "dtype": "INT",
+                                         "granularity": "CHANNELWISE" if opts.per_channel
+                                         else "TENSORWISE"},
+                "compute_precision": "INTEGER", "explicit_dequantize": False,
+                "skip_checks": False, "min_weight_elements": 0}
+
+    def _recipe(self, opts, exclude=(), only=None):
+        def entry(regex, algo="min_max_uniform_quantize"):
+            e = {"regex": regex, "operation": "*", "algorithm_key": algo}
+            if algo != "no_quantize":
+                e["op_config"] = self._op_config(opts)
+            return e
+        exact = lambda scope: "^" + re.escape(scope + ";") + "$"  # noqa: E731 - op scope format
+        if only is not None:
+            return [entry(exact(n)) for n in only]
+        return [entry(".*")] + [entry(exact(n), "no_quantize") for n in exclude]
+
+    def _calibration(self, q, calib, opts):
+        key = (opts.method, opts.preset, opts.per_channel, _digest(calib))
+        if key not in self._cache:
+            it = self._interp()
+            sig = it.get_signature_list()
+            if not sig:
+                raise QuantizeError(f"{self.src} has no signature; ai-edge-quantizer needs one "
+                                    "(re-export it with litert-torch)")
+            sig_key = next(iter(sig))
+            inp = sig[sig_key]["inputs"][0]
+            shape = it.get_input_details()[0]["shape"]
+            nhwc = shape[-1] == 3 and shape[1] != 3
+            x = calib.transpose(0, 2, 3, 1) if nhwc else calib
+            data = {sig_key: [{inp: np.ascontiguousarray(x[i:i + 1])} for i in range(len(x))]}
+            self._cache[key] = q.calibrate(data, num_threads=1)
+        return self._cache[key]
+
+    def _quantize(self, calib, opts, out, exclude, only):
+        from ai_edge_quantizer import quantizer as aeq
+        # calibrate with the full recipe once; QSVs are per tensor, so they serve every
+        # exclude/only variant of the search
+        full = aeq.Quantizer(str(self.src))
+        full.load_quantization_recipe(self._recipe(opts))
+        qsv = self._calibration(full, calib, opts)
+        q = aeq.Quantizer(str(self.src))
+        q.load_quantization_recipe(self._recipe(opts, exclude, only))
+        res = q.quantize(qsv, enable_progress_bar=False, enable_progress_report=False)
+        out.mkdir(parents=True, exist_ok=True)
+        res.export_model(str(out / self.primary), overwrite=True)
+        return {"files": [self.primary], "settings": {
+            "tool": "ai_edge_quantizer static int8 recipe (min_max_uniform_quantize)",
+            "activations": "int8 " + ("symmetric" if opts.preset == "arm" else "asymmetric") +
+                           " per-tensor", "weights": "int8 symmetric " +
+                           ("per-channel" if opts.per_channel else "per-tensor"),
+            "io": "int8 input and output tensors (runtime engine (de)quantizes)",
+            "no_quantize": list(exclude)}}
+
+
+BACKENDS: dict[str, type[Backend]] = {
+    OnnxRuntimeQuantizer.name: OnnxRuntimeQuantizer,
+    NNCFQuantizer.name: NNCFQuantizer,
+    LiteRTQuantizer.name: LiteRTQuantizer,
+}
+
+
+def get_backend(name: str) -> type[Backend]:
+    if name not in BACKENDS:
+        raise QuantizeError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)} or all")
+    return BACKENDS[name]

@@ -1,0 +1,512 @@
+"""Post-training INT8 quantization of FP32 bundles, judged by NME drift on real faces.
+
+    from quantize.core import Settings, run
+    report, failed = run("artifacts/pfld68_w05", ["onnxruntime", "openvino", "tflite"], Settings())
+
+For each backend of quantize.backends.BACKENDS:
+
+1. Start from its FP32 bundle in the bundle folder (backend.parents, first that exists).
+2. Calibration crops: the WFLW calibration faces (train.data.calibration_split of the 505 faces
+   in ../shared/wflw: crc32 of the relative image path % 3 == 0, about 162 faces; deterministic
+   and disjoint from the evaluation faces), the first --calib-samples of them in annotation
+   order, cut by train.metrics.face_batch with the parent bundle's Preprocess.from_meta(meta)
+   and the "rect" protocol (official face rectangles: what a detector gives).
+3. Quantize every layer; score the FP32 and the INT8 model through the runtime engines with
+   train.metrics.evaluate on the headline set: the ~343 WFLW evaluation faces, "rect" protocol.
+4. If |drift| > budget: rank the layers by sensitivity (each layer quantized alone, everything
+   else float, on the first `rank_faces` calibration faces; sensitivity = NME of its points
+   against the FP32 model's points) and keep the k most sensitive in float, k = 1, 2, ... up
+   to `max_float_layers`, until the budget holds. If it never holds the backend fails: no
+   bundle is written (it is assembled in runtime.bundle.staging_dir) and run() reports it.
+5. Write the INT8 bundle (meta.json: calibration set, method, settings, layers kept in float,
+   drift figures) and score it again as shipped: WFLW evaluation faces with both crop
+   protocols (overall and per attribute), the 330 HELEN test faces ("landmarks" protocol),
+   size ratio, and batch-1 latency ratio (median of interleaved FP32/INT8 runs, 1 thread).
+
+Units: "nme" values are fractions of the outer-eye-corner distance (0.0450 = 4.50 %).
+Drift and the budget are in NME points (percentage points): budget 0.10 means
+|NME_int8 - NME_fp32| <= 0.0010, e.g. FP32 4.50 % -> INT8 must land in 4.40 .. 4.60 %.
+Only the headline set ("wflw_eval_rect") gates; the other sets are reported.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from quantize.backends import BACKENDS, PRESETS, Backend, Layer, Options, QuantizeError, get_backend
+from runtime.bundle import (META, BundleError, atomic_write_json, model_path, read_meta,
+                            staging_dir, write_meta)
+from runtime.engines import EngineUnavailable, get_engine, load_bundle
+from runtime.preprocess import Preprocess
+from runtime.schemes import get_scheme
+from train.data import DataError, Face, calibration_split, default_root, load_300w, load_wflw
+from train.metrics import evaluate, face_batch, nme_per_face
+
+MIN_CALIB_FACES = 16
+REPORT = "quantize_report.json"
+HEADLINE = "wflw_eval_rect"
+UNITS = {"nme": "fraction of the outer-eye-corner distance (0.0450 = 4.50 %)",
+         "drift_points": "NME_int8 - NME_fp32 in NME points (percentage points)",
+         "budget_points": "allowed |drift| in NME points; 0.10 = 0.0010 as a fraction",
+         "latency": "milliseconds, batch 1"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    method: str = "minmax"
+    per_channel: bool = True
+    preset: str = "x86"
+    calib_samples: int | None = None     # None: every calibration face (~162)
+    budget: float = 0.10                 # NME points
+    max_float_layers: int = 6            # how many layers the search may keep in float
+    rank_faces: int = 48                 # calibration faces used by the sensitivity ranking
+    latency_runs: int = 200
+    warmup: int = 20
+    threads: int = 1
+    wflw_root: str | None = None
+    w300_root: str | None = None
+
+    def options(self) -> Options:
+        return Options(self.method, self.per_channel, self.preset)
+
+
+@dataclass
+class EvalSet:
+    key: str
+    faces: list[Face]
+    protocol: str
+    scheme: str          # annotation scheme of the faces
+    description: str
+
+
+@dataclass
+class Data:
+    calib: list[Face]
+    record: dict          # what goes into meta.json / the report about the calibration set
+    sets: list[EvalSet]   # the first is the headline
+    extra: dict = field(default_factory=dict)
+
+
+Log = Callable[[str], None]
+
+
+# -- data -------------------------------------------------------------------------------------
+def _ident(face: Face) -> tuple[str, str]:
+    """(image path relative to the data root, annotation 'file:line' relative to it)."""
+    parts = Path(face.image_path).parts
+    image = "/".join(parts[parts.index("WFLW_images") + 1:]) if "WFLW_images" in parts \
+        else Path(face.image_path).name
+    src, _, line = face.source.rpartition(":")
+    return image, f"{Path(src).name}:{line}" if src else face.source
+
+
+def _list_sha(items: list[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(items)).encode()).hexdigest()
+
+
+def _load_images(faces: list[Face], what: str) -> None:
+    for f in faces:
+        try:
+            f.image()
+        except DataError as e:
+            raise QuantizeError(f"{what}: {e}") from None
+
+
+def load_data(settings: Settings) -> Data:
+    """Calibration faces, evaluation faces and HELEN test faces, every image read once."""
+    try:
+        wflw = load_wflw(settings.wflw_root)
+        helen = load_300w(settings.w300_root, split="helen_test")
+    except DataError as e:
+        raise QuantizeError(str(e)) from None
+    calib_all, evals = calibration_split(wflw)
+    n = len(calib_all) if settings.calib_samples is None else int(settings.calib_samples)
+    if n < MIN_CALIB_FACES:
+        raise QuantizeError(f"{n} calibration faces is too few: at least {MIN_CALIB_FACES} are "
+                            "needed for stable activation ranges (--calib-samples)")
+    if n > len(calib_all):
+        raise QuantizeError(f"--calib-samples {n}: the WFLW calibration split has only "
+                            f"{len(calib_all)} faces (of {len(wflw)})")
+    calib = calib_all[:n]
+    _load_images(calib, "calibration image")
+    _load_images(evals, "evaluation image")
+    _load_images(helen, "HELEN test image")
+    ids = [_ident(f) for f in calib]
+    root = Path(settings.wflw_root) if settings.wflw_root else default_root("wflw")
+    record = {
+        "dataset": "WFLW test faces (official annotation layout)",
+        "root": str(root),
+        "split": "train.data.calibration_split: calibration = crc32(image path relative to "
+                 "WFLW_images/) % 3 == 0; evaluation = the rest (disjoint, deterministic)",
+        "selection": f"first {n} of {len(calib_all)} calibration faces in annotation order",
+        "protocol": "rect",
+        "preprocess": "train.metrics.face_batch with Preprocess.from_meta(parent meta)",
+        "count": n,
+        "sha256": _list_sha([f"{img}|{ann}" for img, ann in ids]),
+        "sha256_of": "sorted 'image|annotation-file:line' lines joined by newlines",
+        "faces": [{"image": img, "annotation": ann} for img, ann in ids],
+    }
+    sets = [
+        EvalSet(HEADLINE, evals, "rect", "wflw98",
+                "WFLW evaluation faces (calibration_split, disjoint from calibration), official rect"),
+        EvalSet("wflw_eval_landmarks", evals, "landmarks", "wflw98",
+                "WFLW evaluation faces, crop from the ground-truth landmark extent"),
+        EvalSet("helen_test_landmarks", helen, "landmarks", "300w68",
+                "300-W HELEN test faces (330), crop from the ground-truth landmark extent"),
+    ]
+    extra = {"evaluation_sha256": _list_sha(["|".join(_ident(f)) for f in evals])}
+    return Data(calib, record, sets, extra)
+
+
+# -- scoring ------------------------------------------------------------------------------------
+def _strip(res: dict) -> dict:
+    return {k: v for k, v in res.items() if not k.startswith("_")}
+
+
+def _outputs(engine, x: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([np.asarray(engine(x[i:i + batch])) for i in range(0, len(x), batch)])
+
+
+def score(engine, meta: dict, s: EvalSet, batch: int) -> dict:
+    """train.metrics.evaluate of an engine on one set, with the bundle's own preprocessing."""
+    return evaluate(engine, s.faces, Preprocess.from_meta(meta), get_scheme(meta["scheme"]),
+                    get_scheme(s.scheme), s.protocol, batch=batch)
+
+
+def compare(fp32: dict, int8: dict) -> dict:
+    out = {"fp32": _strip(fp32), "int8": _strip(int8),
+           "drift_points": (int8["nme"] - fp32["nme"]) * 100}
+    if "subsets" in fp32 and "subsets" in int8:
+        out["subsets_drift_points"] = {k: (int8["subsets"][k]["nme"] - v["nme"]) * 100
+                                       for k, v in fp32["subsets"].items() if k in int8["subsets"]}
+    return out
+
+
+def within(drift_points: float, budget: float) -> bool:
+    return abs(drift_points) <= budget + 1e-9
+
+
+def measure_latency(fp32, int8, x1: np.ndarray, runs: int, warmup: int) -> dict:
+    """Median/p90 ms of batch-1 calls, FP32 and INT8 interleaved so load drift hits both."""
+    for _ in range(warmup):
+        fp32(x1)
+        int8(x1)
+    tf, tq = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fp32(x1)
+        tf.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        int8(x1)
+        tq.append(time.perf_counter() - t)
+    f = {"median_ms": float(np.median(tf) * 1e3), "p90_ms": float(np.percentile(tf, 90) * 1e3)}
+    q = {"median_ms": float(np.median(tq) * 1e3), "p90_ms": float(np.percentile(tq, 90) * 1e3)}
+    return {"fp32": f, "int8": q, "ratio": q["median_ms"] / f["median_ms"], "runs": runs,
+            "warmup": warmup, "batch": 1}
+
+
+def _bytes(meta: dict) -> int:
+    return int(sum(v["bytes"] for v in meta["files"].values()))
+
+
+# -- sensitivity search ---------------------------------------------------------------------------
+def rank_layers(backend: Backend, make_engine, x: np.ndarray, opts: Options, eye, work: Path,
+                batch: int, log: Log) -> list[dict]:
+    """Each layer quantized alone; sensitivity = NME of its points against the FP32 points."""
+    ref = _outputs(make_engine(backend.src), x, batch)
+    n = len(x)
+    ranking = []
+    layers = backend.layers()
+    for i, ly in enumerate(layers, 1):
+        d = work / f"rank_{i}"
+        info = backend.quantize(x, opts, d, only=[ly.name])
+        out = _outputs(make_engine(d / info["files"][0]), x, batch)
+        shift = float(nme_per_face(out.reshape(n, -1, 2), ref.reshape(n, -1, 2), eye).mean())
+        ranking.append({"layer": ly.name, "kind": ly.kind, "label": ly.label,
+                        "sensitivity_points": shift * 100})
+        shutil.rmtree(d, ignore_errors=True)
+        if i % 10 == 0 or i == len(layers):
+            log(f"      ranked {i}/{len(layers)} layers")
+    ranking.sort(key=lambda r: -r["sensitivity_points"])
+    return ranking
+
+
+@dataclass
+class Candidate:
+    folder: Path
+    info: dict
+    kept: list[dict]
+    headline: dict        # evaluate() result of the INT8 candidate on the headline set
+    drift_points: float
+    seconds: float
+
+
+def fit_budget(backend: Backend, make_engine, calib_x, opts: Options, settings: Settings,
+               fp32_headline: dict, meta: dict, headline: EvalSet, work: Path, log: Log) -> dict:
+    """Quantize everything, then keep the most sensitive layers float until the budget holds."""
+    steps: list[dict] = []
+
+    def attempt(kept: list[dict]) -> Candidate:
+        d = work / f"try_{len(steps)}"
+        t = time.perf_counter()
+        info = backend.quantize(calib_x, opts, d, exclude=[k["layer"] for k in kept])
+        dt = time.perf_counter() - t
+        res = score(make_engine(d / info["files"][0]), meta, headline, backend.eval_batch)
+        drift = (res["nme"] - fp32_headline["nme"]) * 100
+        steps.append({"kept_float": [k["label"] or k["layer"] for k in kept],
+                      "nme_int8": res["nme"], "drift_points": drift, "seconds": dt})
+        log(f"      {len(kept)} layer(s) float: INT8 NME {res['nme'] * 100:.3f}% "
+            f"(FP32 {fp32_headline['nme'] * 100:.3f}%), drift {drift:+.3f} points")
+        return Candidate(d, info, kept, res, drift, dt)
+
+    first = attempt([])
+    out = {"steps": steps, "calibration_s": first.seconds, "ranking": None, "chosen": first}
+    if within(first.drift_points, settings.budget) or settings.max_float_layers <= 0:
+        return out
+    log(f"      over the {settings.budget:.2f}-point budget: ranking layers by sensitivity "
+        f"on {min(settings.rank_faces, len(calib_x))} calibration faces")
+    t = time.perf_counter()
+    ranking = rank_layers(backend, make_engine, calib_x[:settings.rank_faces], opts,
+                          get_scheme(meta["scheme"]).eye_corners, work, backend.eval_batch, log)
+    out["ranking"] = ranking
+    out["ranking_s"] = time.perf_counter() - t
+    best = first
+    for k in range(1, min(settings.max_float_layers, len(ranking)) + 1):
+        c = attempt(ranking[:k])
+        if abs(c.drift_points) < abs(best.drift_points):
+            best = c
+        if within(c.drift_points, settings.budget):
+            out["chosen"] = c
+            return out
+    out["chosen"] = best
+    return out
+
+
+# -- one backend ------------------------------------------------------------------------------
+def find_parent(bundle_dir: Path, backend: type[Backend]) -> Path:
+    for stage in backend.parents:
+        if (bundle_dir / stage).is_dir():
+            return bundle_dir / stage
+    raise QuantizeError(f"{bundle_dir} has no FP32 bundle for {backend.name} (looked for "
+                        f"{', '.join(s + '/' for s in backend.parents)}); run `make export` first")
+
+
+def _tool_versions(backend: Backend) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = backend.tool_versions()
+    for pkg in ("numpy", "opencv-python-headless"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def quantize_backend(name: str, bundle_dir: Path, data: Data, settings: Settings,
+                     log: Log = print) -> dict:
+    """Quantize one backend; returns its report entry ("status": "ok" | "failed")."""
+    cls = get_backend(name)
+    parent_dir = find_parent(bundle_dir, cls)
+    try:
+        meta = read_meta(parent_dir)
+    except BundleError as e:
+        raise QuantizeError(str(e)) from None
+    if meta.get("engine") != cls.engine:
+        raise QuantizeError(f"{parent_dir}/{META} says engine {meta.get('engine')!r}; the "
+                            f"{name} quantizer needs a {cls.engine} bundle")
+    opts = settings.options()
+    final = bundle_dir / cls.stage
+    engine_cls = get_engine(cls.engine)
+
+    def make_engine(path, threads=1):
+        return engine_cls(path, threads=threads, precision=cls.precision)
+
+    pre = Preprocess.from_meta(meta)
+    calib_x = face_batch(data.calib, pre, "rect")
+    headline = data.sets[0]
+    entry: dict = {"status": "failed", "fp32_bundle": str(parent_dir), "int8_bundle": None,
+                   "created": _now(), "fp32_sha256": meta["files"][next(iter(meta["files"]))]["sha256"],
+                   "method": opts.method, "method_detail": cls.methods[opts.method],
+                   "engine_precision_hint": cls.precision}
+    with tempfile.TemporaryDirectory(prefix=f".quantize-{name}-", dir=bundle_dir) as tmp:
+        work = Path(tmp)
+        backend = cls(meta, work / "backend")
+        fp32_engine = make_engine(backend.src)
+        log(f"    FP32 {parent_dir.name}: scoring {len(headline.faces)} faces ({headline.key})")
+        fp32 = {s.key: score(fp32_engine, meta, s, cls.eval_batch) for s in data.sets}
+        log(f"    quantize with {len(data.calib)} calibration faces ({opts.method}, "
+            f"{'per-channel' if opts.per_channel else 'per-tensor'}, preset {opts.preset})")
+        search = fit_budget(backend, make_engine, calib_x, opts, settings, fp32[headline.key],
+                            meta, headline, work, log)
+        chosen: Candidate = search["chosen"]
+        kept = [{"layer": k["layer"], "kind": k["kind"], "label": k["label"]} for k in chosen.kept]
+        entry.update({
+            "calibration_s": search["calibration_s"],
+            "search": {"steps": search["steps"],
+                       "ranking_s": search.get("ranking_s"),
+                       "ranking_top": (search["ranking"] or [])[:10],
+                       "layers_total": len(search["ranking"]) if search["ranking"] else None},
+            "layers_kept_float": kept,
+            "settings": chosen.info["settings"],
+        })
+        if not within(chosen.drift_points, settings.budget):
+            entry["nme"] = {headline.key: compare(fp32[headline.key], chosen.headline)}
+            entry["reason"] = (f"INT8 drift {chosen.drift_points:+.3f} NME points on {headline.key} "
+                               f"exceeds the budget of {settings.budget:.2f} even with "
+                               f"{len(chosen.kept)} layer(s) kept in float; no bundle written")
+            return entry
+        # assemble the bundle, score it as shipped, then rename into place
+        with staging_dir(final) as stage:
+            for f in chosen.info["files"]:
+                shutil.copy2(chosen.folder / f, stage / f)
+            int8_meta = {
+                "name": meta.get("name", bundle_dir.name), "engine": cls.engine,
+                "precision": "int8", "files": chosen.info["files"],
+                "preprocess": meta["preprocess"], "scheme": meta["scheme"],
+                "num_points": meta.get("num_points"), "input": meta.get("input"),
+                "output": meta.get("output"), "opset": chosen.info.get("opset", meta.get("opset")),
+                "stage": cls.stage,
+                "parent": {"path": os.path.relpath(parent_dir, final),
+                           "sha256": entry["fp32_sha256"]},
+                "source_checkpoint": meta.get("source_checkpoint"),
+                "created": _now(), "tool_versions": _tool_versions(backend),
+            }
+            write_meta(stage, int8_meta)
+            shipped_meta, int8_engine = load_bundle(stage, precision=cls.precision)
+            log(f"    INT8 bundle: scoring {', '.join(s.key for s in data.sets)}")
+            int8 = {s.key: score(int8_engine, shipped_meta, s, cls.eval_batch) for s in data.sets}
+            nme = {s.key: compare(fp32[s.key], int8[s.key]) for s in data.sets}
+            if not within(nme[headline.key]["drift_points"], settings.budget):  # pragma: no cover
+                raise RuntimeError(f"{name}: the written bundle scores differently from the "
+                                   "candidate it was copied from")
+            log(f"    latency: {settings.latency_runs} interleaved batch-1 runs, "
+                f"{settings.threads} thread(s)")
+            lat = measure_latency(make_engine(backend.src, settings.threads),
+                                  make_engine(model_path(shipped_meta), settings.threads),
+                                  calib_x[:1], settings.latency_runs, settings.warmup)
+            lat["threads"] = settings.threads
+            size = {"fp32_bytes": _bytes(meta), "int8_bytes": _bytes(shipped_meta)}
+            size["ratio"] = size["int8_bytes"] / size["fp32_bytes"]
+            validation = {
+                "headline": headline.key, "budget_points": settings.budget,
+                "within_budget": True, "units": UNITS,
+                "drift_points": {k: v["drift_points"] for k, v in nme.items()},
+                "nme_fp32": {k: v["fp32"]["nme"] for k, v in nme.items()},
+                "nme_int8": {k: v["int8"]["nme"] for k, v in nme.items()},
+                "subsets_drift_points": nme[headline.key].get("subsets_drift_points", {}),
+                "evaluation_faces": {s.key: len(s.faces) for s in data.sets},
+                "evaluation_sha256": data.extra.get("evaluation_sha256"),
+                "engine_precision_hint": cls.precision,
+            }
+            int8_meta.update({
+                "files": chosen.info["files"],
+                "validation": validation,
+                "quantization": {
+                    "backend": name, "method": opts.method, "method_detail": cls.methods[opts.method],
+                    "per_channel": opts.per_channel, "preset": opts.preset,
+                    "preset_detail": PRESETS[opts.preset], "settings": chosen.info["settings"],
+                    "layers_kept_float": kept, "calibration": data.record,
+                    "calibration_s": search["calibration_s"],
+                },
+            })
+            write_meta(stage, int8_meta)
+        entry.update({"status": "ok", "int8_bundle": str(final), "nme": nme, "size": size,
+                      "latency": lat, "within_budget": True})
+    return entry
+
+
+# -- the command ------------------------------------------------------------------------------
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def check_request(bundle_dir: Path, names: list[str], settings: Settings) -> list[str]:
+    """Validate options before any heavy work; returns the backends to run."""
+    if not bundle_dir.is_dir():
+        raise QuantizeError(f"bundle folder {bundle_dir} does not exist; run `make export` first")
+    if settings.preset not in PRESETS:
+        raise QuantizeError(f"unknown preset {settings.preset!r}; expected {', '.join(PRESETS)}")
+    if not settings.budget >= 0:
+        raise QuantizeError(f"--budget must be >= 0 NME points, got {settings.budget}")
+    if settings.calib_samples is not None and settings.calib_samples < MIN_CALIB_FACES:
+        raise QuantizeError(f"--calib-samples {settings.calib_samples} is too few: at least "
+                            f"{MIN_CALIB_FACES} calibration faces are needed")
+    for n in names:
+        cls = get_backend(n)
+        cls.check_method(settings.method)
+        ok, why = cls.available()
+        if not ok:
+            raise QuantizeError(why)
+        parent = find_parent(bundle_dir, cls)
+        if not (parent / META).is_file():
+            raise QuantizeError(f"{parent} has no {META}; it is not a bundle written by "
+                                "`make export` (re-run the export)")
+    return names
+
+
+def host() -> dict:
+    return {"platform": platform.platform(), "machine": platform.machine(),
+            "processor": platform.processor(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count()}
+
+
+def run(bundle_dir: str | Path, backends: list[str], settings: Settings,
+        log: Log = print) -> tuple[dict, list[str]]:
+    """Quantize the given backends; write the report; return (report, failed backend names)."""
+    bundle_dir = Path(bundle_dir)
+    names = check_request(bundle_dir, list(backends), settings)
+    total = len(names) + 2
+    log(f"[1/{total}] calibration and evaluation faces")
+    data = load_data(settings)
+    log(f"      {data.record['count']} calibration faces (sha256 {data.record['sha256'][:12]}), "
+        + ", ".join(f"{len(s.faces)} {s.key}" for s in data.sets))
+    report_path = bundle_dir / REPORT
+    old = {}
+    if report_path.is_file():
+        try:
+            old = json.loads(report_path.read_text()).get("backends", {})
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {}
+    results, failed = {}, []
+    for i, name in enumerate(names, 2):
+        log(f"[{i}/{total}] {name}")
+        try:
+            results[name] = quantize_backend(name, bundle_dir, data, settings, log)
+        except EngineUnavailable as e:
+            results[name] = {"status": "skipped", "reason": str(e), "created": _now()}
+        r = results[name]
+        if r["status"] != "ok":
+            failed.append(name)
+            log(f"    {name}: {r['status'].upper()}: {r.get('reason', '')}")
+        else:
+            h = r["nme"][HEADLINE]
+            log(f"    {name}: NME {h['fp32']['nme'] * 100:.3f}% -> {h['int8']['nme'] * 100:.3f}% "
+                f"({h['drift_points']:+.3f} points), size x{r['size']['ratio']:.2f}, latency "
+                f"x{r['latency']['ratio']:.2f}, {len(r['layers_kept_float'])} layer(s) float")
+    report = {
+        "model": bundle_dir.name, "bundle_dir": str(bundle_dir), "created": _now(),
+        "host": host(), "units": UNITS, "headline": HEADLINE, "budget_points": settings.budget,
+        "settings": {k: v for k, v in asdict(settings).items() if not k.endswith("_root")},
+        "calibration": {k: v for k, v in data.record.items() if k != "faces"},
+        "evaluation_sets": {s.key: {"description": s.description, "count": len(s.faces),
+                                    "protocol": s.protocol} for s in data.sets},
+        "backends": {**old, **results},
+    }
+    log(f"[{total}/{total}] report {report_path}")
+    atomic_write_json(report_path, report)
+    return report, failed
+
+
+__all__ = ["BACKENDS", "Data", "EvalSet", "Layer", "QuantizeError", "Settings", "compare",
+           "fit_budget", "load_data", "quantize_backend", "rank_layers", "run", "score"]

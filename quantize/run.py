@@ -1,0 +1,79 @@
+"""Quantize FP32 bundles to INT8 bundles and report what it cost in accuracy.
+
+    python quantize/run.py                                   # every backend, default settings
+    python quantize/run.py --backend onnxruntime --calib-samples 64 --budget 0.10
+
+Exit status: 0 every requested backend is within the budget (bundles and report written);
+1 a backend exceeded the budget even with layers kept in float (figures printed and in the
+report, no bundle written for it); 2 bad input (bundle, data, option), nothing written.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import click  # noqa: E402
+
+from quantize.backends import BACKENDS, PRESETS, QuantizeError  # noqa: E402
+from quantize.core import MIN_CALIB_FACES, Settings, run  # noqa: E402
+
+D = Settings()
+
+
+class CommandError(click.ClickException):
+    """Printed as 'Error: ...' with no traceback; exit status 2 for bad input."""
+    exit_code = 2
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--bundle-dir", default="artifacts/pfld68_w05",
+              type=click.Path(file_okay=False, path_type=Path),
+              help="model folder holding the FP32 bundles from `make export`")
+@click.option("--backend", "backends", default=("all",), multiple=True,
+              type=click.Choice([*BACKENDS, "all"]), help="repeatable")
+@click.option("--calib-samples", type=int, default=None,
+              help=f"calibration faces (>= {MIN_CALIB_FACES}); default: every face of the WFLW "
+                   "calibration split (~162)")
+@click.option("--method", default=D.method, type=click.Choice(["minmax", "percentile", "entropy"]),
+              help="activation range estimation; onnxruntime: all three, openvino: minmax, "
+                   "percentile; tflite: minmax")
+@click.option("--per-channel/--no-per-channel", default=D.per_channel,
+              help="per-output-channel weight scales")
+@click.option("--preset", default=D.preset, type=click.Choice(list(PRESETS)),
+              help="x86: " + PRESETS["x86"] + ". arm: " + PRESETS["arm"])
+@click.option("--budget", type=float, default=D.budget,
+              help="allowed |NME_int8 - NME_fp32| on the WFLW evaluation faces (rect crops), in "
+                   "NME points: 0.10 means 4.50% may become 4.40..4.60%")
+@click.option("--max-float-layers", type=int, default=D.max_float_layers,
+              help="most sensitive layers the search may keep in float to meet the budget")
+@click.option("--rank-faces", type=int, default=D.rank_faces,
+              help="calibration faces used to rank layer sensitivity")
+@click.option("--latency-runs", type=int, default=D.latency_runs,
+              help="batch-1 runs per model for the latency ratio (after warm-up)")
+@click.option("--threads", type=int, default=D.threads, help="engine threads for latency")
+@click.option("--wflw", "wflw_root", default=None, help="WFLW root (default ../shared/wflw)")
+@click.option("--w300", "w300_root", default=None, help="300-W root (default ../shared/300w)")
+def main(bundle_dir, backends, calib_samples, method, per_channel, preset, budget,
+         max_float_layers, rank_faces, latency_runs, threads, wflw_root, w300_root):
+    """Turn the FP32 bundles in BUNDLE_DIR into INT8 bundles (onnx_int8, openvino_int8,
+    tflite_int8) calibrated on real WFLW faces, and write quantize_report.json."""
+    names = list(BACKENDS) if "all" in backends else list(dict.fromkeys(backends))
+    settings = Settings(method=method, per_channel=per_channel, preset=preset,
+                        calib_samples=calib_samples, budget=budget,
+                        max_float_layers=max_float_layers, rank_faces=rank_faces,
+                        latency_runs=latency_runs, threads=threads, wflw_root=wflw_root,
+                        w300_root=w300_root)
+    try:
+        report, failed = run(bundle_dir, names, settings, log=click.echo)
+    except QuantizeError as e:
+        raise CommandError(str(e)) from None
+    if failed:
+        click.echo(f"FAILED: {', '.join(failed)} (see {bundle_dir / 'quantize_report.json'})",
+                   err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

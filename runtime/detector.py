@@ -1,0 +1,333 @@
+"""Face detectors for the device runtime, with boxes calibrated to the landmark crop convention.
+
+A detector's box is not what the landmark network was trained to be cropped from (the extent
+of the face's landmarks, see runtime.preprocess.landmark_box), so each detector maps its own
+boxes through a measured `BoxCalibration` to a square "landmark-extent" box that
+Preprocess.crop_matrix takes as is.
+
+- `HaarDetector`: OpenCV Haar cascades whose files ship inside opencv-python-headless 4.x
+  (cv2.data.haarcascades). A chain of stages (frontal, frontal on an equalised image, frontal
+  on the image rolled by +-15 deg, profile and mirrored profile, ...) stops at the first stage
+  that finds a face, so a frontal face costs one cascade and harder faces cost more.
+- `YuNetDetector`: cv2.FaceDetectorYN with a YuNet ONNX file the user provides (the runtime
+  never downloads weights).
+
+    det = make_detector("haar")
+    for d in det.detect(image_bgr):          # largest face first
+        d.box                                # (x0, y0, x1, y1) in the landmark-extent convention
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+
+class DetectorError(RuntimeError):
+    """A detector cannot be built (missing cascade/model file, unsupported OpenCV)."""
+
+
+@dataclass(frozen=True)
+class BoxCalibration:
+    """Detector box -> landmark-extent box, in units of the detector box side.
+
+    scale: landmark-extent side (max of width, height) / detector box side
+    dx, dy: (landmark-extent centre - detector box centre) / detector box side, measured in
+            the frame the detector saw (so flipped or rotated stages get their own values)
+    """
+    scale: float
+    dx: float
+    dy: float
+    measured: bool = True
+
+    def apply(self, cx: float, cy: float, side: float) -> tuple[float, float, float]:
+        """(centre x, centre y, side) of a detector box -> the same for the landmark extent."""
+        return cx + self.dx * side, cy + self.dy * side, self.scale * side
+
+
+# Measured with `python runtime/calibrate_detector.py` on the 2,012 faces of the 300-W train
+# split in ../shared/300w (train.data.load_300w(split="train")): every stage is run alone on
+# every face with the default HaarDetector parameters; a detection counts when its centre lies
+# inside the face's landmark extent; the constants are the medians over those detections of
+# extent side / box side and of the centre offset / box side (n = faces used per stage).
+HAAR_CALIBRATION: dict[str, BoxCalibration] = {
+    # @calibration-start (rewritten by calibrate_detector.py --write)
+    "frontal": BoxCalibration(1.0, 0.0, 0.0, measured=False),
+    "frontal-eq": BoxCalibration(1.0, 0.0, 0.0, measured=False),
+    "frontal-roll-15": BoxCalibration(1.0, 0.0, 0.0, measured=False),
+    "frontal-roll+15": BoxCalibration(1.0, 0.0, 0.0, measured=False),
+    "profile": BoxCalibration(1.0, 0.0, 0.0, measured=False),
+    "profile-mirror": BoxCalibration(1.0, 0.0, 0.0, measured=False),
+    "profile-roll-15": BoxCalibration(1.0, 0.0, 0.0, measured=False),
+    "profile-mirror-roll+15": BoxCalibration(1.0, 0.0, 0.0, measured=False),
+    "frontal-eq-roll-30": BoxCalibration(1.0, 0.0, 0.0, measured=False),
+    "frontal-eq-roll+30": BoxCalibration(1.0, 0.0, 0.0, measured=False),
+    # @calibration-end
+}
+
+# YuNet is not shipped with OpenCV, so its boxes could not be measured here. This estimate
+# (WIDER-style boxes reach from the hairline to the chin: the 68-point extent is about as
+# wide and sits lower) is used until calibrate_detector.py has written <model>.calibration.json
+# beside the user's model file; the runtime says so on stderr, and --refine re-crops from
+# the first pass's points, which removes most of a box offset anyway.
+YUNET_ESTIMATE = BoxCalibration(1.0, 0.0, 0.08, measured=False)
+
+
+@dataclass
+class Detection:
+    box: tuple[float, float, float, float]   # square, landmark-extent convention, image px
+    raw: tuple[float, float, float, float]   # the detector's own box, image px (axis-aligned)
+    stage: str
+    score: float = 1.0
+
+
+@dataclass(frozen=True)
+class HaarStage:
+    name: str
+    cascade: str                 # file name in cv2.data.haarcascades
+    equalize: bool = False       # histogram-equalise first (dark / low-contrast faces)
+    mirror: bool = False         # run on the mirrored image (the profile cascade sees one side)
+    roll: float = 0.0            # run on the image rotated by this many degrees
+
+
+# Tried in this order; the first stage that finds a face wins. Chosen on the WFLW crops in
+# ../shared/wflw (greedy on the calibration third of train.data.calibration_split, then made
+# left/right symmetric; the held-out two thirds gave the same share): the frontal cascade finds
+# about two thirds of those hard faces, rolled and profile stages most of the rest.
+_FRONT, _FRONT_DEFAULT, _PROFILE = ("haarcascade_frontalface_alt2.xml",
+                                    "haarcascade_frontalface_default.xml",
+                                    "haarcascade_profileface.xml")
+HAAR_STAGES: dict[str, HaarStage] = {s.name: s for s in (
+    HaarStage("frontal", _FRONT),
+    HaarStage("frontal-eq", _FRONT_DEFAULT, equalize=True),
+    HaarStage("frontal-roll-15", _FRONT_DEFAULT, roll=-15.0),
+    HaarStage("frontal-roll+15", _FRONT_DEFAULT, roll=15.0),
+    HaarStage("profile", _PROFILE),
+    HaarStage("profile-mirror", _PROFILE, mirror=True),
+    HaarStage("profile-roll-15", _PROFILE, roll=-15.0),
+    HaarStage("profile-mirror-roll+15", _PROFILE, mirror=True, roll=15.0),
+    HaarStage("frontal-eq-roll-30", _FRONT_DEFAULT, equalize=True, roll=-30.0),
+    HaarStage("frontal-eq-roll+30", _FRONT_DEFAULT, equalize=True, roll=30.0),
+)}
+DEFAULT_HAAR_CHAIN = tuple(HAAR_STAGES)
+# Tuned for speed on the WFLW crops (runtime/measure.py images): faces below 30% of the shorter
+# side are not searched, so the image is shrunk until such a face is 30 px (close to the
+# cascades' 20-24 px windows); min_neighbors 1 finds more of the blurred and occluded faces and
+# min_face keeps the small false detections that would bring out.
+HAAR_DEFAULTS = {"min_face": 0.3, "search_px": 30, "scale_factor": 1.1, "min_neighbors": 1}
+
+
+def _cascade_dir() -> Path:
+    data = getattr(cv2, "data", None)
+    if data is None or not getattr(data, "haarcascades", None):
+        raise DetectorError(
+            f"OpenCV {cv2.__version__} has no cv2.data.haarcascades (OpenCV 5.x dropped the Haar "
+            "cascades); install opencv-python-headless 4.x (runtime/requirements.txt pins "
+            "4.14.0.94) or use --detector yunet --detector-model face_detection_yunet.onnx")
+    return Path(data.haarcascades)
+
+
+class HaarDetector:
+    """Chain of Haar cascades on a downscaled grey image; the first stage that finds a face wins.
+
+    min_face: smallest face searched, as a fraction of the image's shorter side. The image is
+        shrunk so that this face is `search_px` pixels, which is what makes Haar fast on large
+        frames; lower it (and expect slower detection) to find small faces.
+    """
+    name = "haar"
+
+    def __init__(self, chain: tuple[str, ...] = DEFAULT_HAAR_CHAIN,
+                 min_face: float = HAAR_DEFAULTS["min_face"],
+                 search_px: int = HAAR_DEFAULTS["search_px"],
+                 scale_factor: float = HAAR_DEFAULTS["scale_factor"],
+                 min_neighbors: int = HAAR_DEFAULTS["min_neighbors"],
+                 calibration: dict[str, BoxCalibration] | None = None):
+        if not hasattr(cv2, "CascadeClassifier"):
+            raise DetectorError(f"OpenCV {cv2.__version__} has no CascadeClassifier; install "
+                                "opencv-python-headless 4.x (pinned in runtime/requirements.txt)")
+        unknown = [c for c in chain if c not in HAAR_STAGES]
+        if unknown:
+            raise DetectorError(f"unknown Haar stage(s) {', '.join(unknown)}; known: "
+                                f"{', '.join(HAAR_STAGES)}")
+        if not 0 < min_face <= 1:
+            raise ValueError(f"min_face must be in (0, 1], got {min_face}")
+        folder = _cascade_dir()
+        self.stages = [HAAR_STAGES[c] for c in chain]
+        self.cascades: dict[str, cv2.CascadeClassifier] = {}
+        for st in self.stages:
+            if st.cascade in self.cascades:
+                continue
+            path = folder / st.cascade
+            if not path.is_file():
+                raise DetectorError(f"Haar cascade {path} is missing from this OpenCV install "
+                                    f"({cv2.__version__}); install opencv-python-headless 4.x")
+            c = cv2.CascadeClassifier(str(path))
+            if c.empty():
+                raise DetectorError(f"Haar cascade {path} could not be loaded (corrupt file?)")
+            self.cascades[st.cascade] = c
+        self.min_face, self.search_px = float(min_face), int(search_px)
+        self.scale_factor, self.min_neighbors = float(scale_factor), int(min_neighbors)
+        self.calibration = HAAR_CALIBRATION if calibration is None else calibration
+        self.calibrated = all(self.calibration[s.name].measured for s in self.stages)
+
+    # -- the pieces calibrate_detector.py also uses -----------------------------------------
+    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """Grey image shrunk so the smallest searched face is search_px: (grey, scale)."""
+        gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        h, w = gray.shape
+        s = min(1.0, self.search_px / (self.min_face * min(h, w)))
+        if s < 1.0:
+            gray = cv2.resize(gray, (max(1, round(w * s)), max(1, round(h * s))),
+                              interpolation=cv2.INTER_AREA)
+        return gray, s
+
+    def run_stage(self, gray: np.ndarray, stage: HaarStage, cache: dict | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (N, 4) x, y, w, h boxes in the stage's frame and the 2x3 map from `gray` to it."""
+        img = gray
+        if stage.equalize:
+            if cache is not None and "eq" in cache:
+                img = cache["eq"]
+            else:
+                img = cv2.equalizeHist(gray)
+                if cache is not None:
+                    cache["eq"] = img
+        h, w = img.shape
+        m = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+        if stage.mirror:
+            img = cv2.flip(img, 1)
+            m = np.array([[-1.0, 0, w - 1], [0, 1.0, 0]])
+        if stage.roll:
+            r = cv2.getRotationMatrix2D((w / 2, h / 2), stage.roll, 1.0)
+            img = cv2.warpAffine(img, r, (w, h), flags=cv2.INTER_LINEAR,
+                                 borderMode=cv2.BORDER_REPLICATE)
+            m = r @ np.vstack([m, [0, 0, 1]])
+        rects = self.cascades[stage.cascade].detectMultiScale(
+            img, scaleFactor=self.scale_factor, minNeighbors=self.min_neighbors,
+            minSize=(self.search_px, self.search_px))
+        return np.asarray(rects, np.float64).reshape(-1, 4), m
+
+    # -- the detector ------------------------------------------------------------------------
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        gray, s = self.prepare(image)
+        cache: dict = {}
+        for st in self.stages:
+            rects, m = self.run_stage(gray, st, cache)
+            if len(rects):
+                return self._to_image(rects, m, s, st)
+        return []
+
+    def _to_image(self, rects, m, s, stage: HaarStage) -> list[Detection]:
+        back = cv2.invertAffineTransform(m)
+        cal = self.calibration[stage.name]
+        out = []
+        for x, y, w, h in rects:
+            side = float(max(w, h))
+            cx, cy, ext = cal.apply(x + w / 2, y + h / 2, side)
+            c = np.array([cx, cy]) @ back[:, :2].T + back[:, 2]
+            corners = np.array([[x, y], [x + w, y], [x, y + h], [x + w, y + h]]) @ back[:, :2].T \
+                + back[:, 2]
+            raw = (*(corners.min(0) / s), *(corners.max(0) / s))
+            cx, cy, ext = c[0] / s, c[1] / s, ext / s
+            out.append(Detection((cx - ext / 2, cy - ext / 2, cx + ext / 2, cy + ext / 2),
+                                 tuple(map(float, raw)), stage.name))
+        out.sort(key=lambda d: d.box[2] - d.box[0], reverse=True)
+        return out
+
+
+class YuNetDetector:
+    """cv2.FaceDetectorYN on a user-provided YuNet ONNX file (e.g. face_detection_yunet_2023mar.onnx).
+
+    The image is shrunk to at most max_side pixels on its longer side for speed.
+    """
+    name = "yunet"
+
+    def __init__(self, model: str | Path | None, score_threshold: float = 0.6,
+                 nms_threshold: float = 0.3, max_side: int = 320,
+                 calibration: BoxCalibration | None = None):
+        if model is None:
+            raise DetectorError("--detector yunet needs --detector-model PATH to a YuNet ONNX file "
+                                "(e.g. face_detection_yunet_2023mar.onnx from the OpenCV model zoo)")
+        self.model = Path(model)
+        if not self.model.is_file():
+            raise DetectorError(f"YuNet model {self.model} does not exist")
+        if not hasattr(cv2, "FaceDetectorYN"):
+            raise DetectorError(f"OpenCV {cv2.__version__} has no FaceDetectorYN (needs >= 4.5.4)")
+        try:
+            self.net = cv2.FaceDetectorYN.create(str(self.model), "", (max_side, max_side),
+                                                 score_threshold, nms_threshold, 50)
+            self.net.detect(np.zeros((max_side, max_side, 3), np.uint8))   # fail now, not later
+        except cv2.error as e:
+            raise DetectorError(f"{self.model} could not be run as a YuNet face detector: "
+                                f"{str(e).strip().splitlines()[-1]}") from None
+        self.max_side = int(max_side)
+        self.calibration = calibration or load_calibration_file(self.model) or YUNET_ESTIMATE
+        self.calibrated = self.calibration.measured
+        self._size = None
+
+    def raw_detect(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """YuNet rows (x, y, w, h, 5 x/y keypoints, score) in the shrunk image, and the scale."""
+        if image.ndim == 2:
+            image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+        h, w = image.shape[:2]
+        s = min(1.0, self.max_side / max(h, w))
+        if s < 1.0:
+            image = cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))),
+                               interpolation=cv2.INTER_AREA)
+        size = (image.shape[1], image.shape[0])
+        if size != self._size:
+            self.net.setInputSize(size)
+            self._size = size
+        _, faces = self.net.detect(image)
+        return (np.zeros((0, 15)) if faces is None else np.asarray(faces, np.float64)), s
+
+    def detect(self, image: np.ndarray) -> list[Detection]:
+        faces, s = self.raw_detect(image)
+        out = []
+        for f in faces:
+            x, y, w, h = f[:4]
+            cx, cy, ext = self.calibration.apply(x + w / 2, y + h / 2, float(max(w, h)))
+            cx, cy, ext = cx / s, cy / s, ext / s
+            out.append(Detection((cx - ext / 2, cy - ext / 2, cx + ext / 2, cy + ext / 2),
+                                 (x / s, y / s, (x + w) / s, (y + h) / s), "yunet", float(f[-1])))
+        out.sort(key=lambda d: d.box[2] - d.box[0], reverse=True)
+        return out
+
+
+def calibration_file(model: str | Path) -> Path:
+    return Path(str(model) + ".calibration.json")
+
+
+def load_calibration_file(model: str | Path) -> BoxCalibration | None:
+    p = calibration_file(model)
+    if not p.is_file():
+        return None
+    try:
+        d = json.loads(p.read_text())
+        return BoxCalibration(float(d["scale"]), float(d["dx"]), float(d["dy"]))
+    except (ValueError, KeyError, TypeError) as e:
+        raise DetectorError(f"{p} is not a box calibration written by calibrate_detector.py "
+                            f"({e})") from None
+
+
+DETECTORS = {"haar": HaarDetector, "yunet": YuNetDetector}
+
+
+def make_detector(name: str = "haar", model: str | Path | None = None, **kwargs):
+    """A detector by name; `model` is the YuNet ONNX file (unused by haar)."""
+    if name == "haar":
+        return HaarDetector(**kwargs)
+    if name == "yunet":
+        return YuNetDetector(model, **kwargs)
+    raise DetectorError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
+
+
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0

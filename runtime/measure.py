@@ -1,0 +1,348 @@
+"""Reproducible speed and detection figures of the device runtime (runtime.pipeline.Pipeline).
+
+    python runtime/measure.py make-video --out /tmp/faces.avi          # real faces, moving
+    python runtime/measure.py video --model B1 --model B2 --video /tmp/faces.avi
+    python runtime/measure.py images --model B --ground-truth          # the 505 WFLW crops
+
+`video`: per-frame milliseconds per stage (detect / crop / landmarks / pose, median and p90)
+and frames per second of Pipeline.process, with and without tracking, per bundle (engine).
+`images`: every image on its own (no tracking): median ms per image of detect + crop +
+landmarks (pose is reported apart) and the share of images in which a face is found; with
+--ground-truth (development machine: reads WFLW annotations through train.data) also the share
+in which the *right* face is found and the NME of those faces, to compare --refine/--no-refine.
+
+Each run prints a markdown table and can write JSON records (--out). Times are wall clock;
+"cpu" columns are process CPU time, which stays close to an idle machine's wall time when
+other jobs share the cores. The first --warmup frames are not counted.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import click  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+
+from runtime.bundle import atomic_write_json  # noqa: E402
+from runtime.detector import DEFAULT_HAAR_CHAIN, HAAR_DEFAULTS, HaarDetector, make_detector  # noqa: E402
+from runtime.engines import ENGINES  # noqa: E402
+from runtime.media import open_video, read_image  # noqa: E402
+from runtime.pipeline import STAGES, Pipeline  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+PARTS = STAGES + ("total",)
+
+
+def host() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, " \
+           f"Python {platform.python_version()}, OpenCV {cv2.__version__}"
+
+
+def _stats(v) -> dict:
+    a = np.asarray(v, np.float64)
+    if not len(a):
+        return {"median": None, "p90": None, "mean": None}
+    return {"median": round(float(np.median(a)), 3), "p90": round(float(np.percentile(a, 90)), 3),
+            "mean": round(float(a.mean()), 3)}
+
+
+def make_pipeline(bundle, engine, threads, precision, detector, detector_model, haar, **kw):
+    det = HaarDetector(**haar) if detector == "haar" else make_detector(detector, detector_model)
+    return Pipeline(bundle, engine=engine, threads=threads, precision=precision, detector=det, **kw)
+
+
+def _engine_label(pipe: Pipeline) -> str:
+    e = pipe.engine
+    prec = ""
+    if hasattr(e, "execution_precision"):
+        prec = f" ({e.execution_precision()})"
+    return f"{e.name} {pipe.meta['precision']}{prec}"
+
+
+# -- video -----------------------------------------------------------------------------------
+def time_video(pipe: Pipeline, frames: list[np.ndarray], warmup: int = 5) -> dict:
+    pipe.reset()
+    per = {k: [] for k in PARTS}
+    cpu, found = [], 0
+    for i, f in enumerate(frames):
+        c0 = time.process_time()
+        faces = pipe.process(f)
+        c1 = time.process_time()
+        if i < warmup:
+            continue
+        found += bool(faces)
+        cpu.append((c1 - c0) * 1e3)
+        for k in PARTS:
+            per[k].append(pipe.last_ms[k])
+    n = len(per["total"])
+    return {"frames": n, "frames_with_face": found, "detector_runs": pipe.detector_runs,
+            "ms": {k: _stats(v) for k, v in per.items()}, "cpu_ms": _stats(cpu),
+            "fps": round(n / (sum(per["total"]) / 1e3), 1) if n else None,
+            "fps_cpu": round(n / (sum(cpu) / 1e3), 1) if n else None}
+
+
+def read_frames(path: str, limit: int = 0) -> list[np.ndarray]:
+    cap, _, what = open_video(path)
+    frames = []
+    while not limit or len(frames) < limit:
+        ok, f = cap.read()
+        if not ok:
+            break
+        frames.append(f)
+    cap.release()
+    if not frames:
+        raise click.ClickException(f"{what}: no frames")
+    return frames
+
+
+def make_video(images: list[Path], out: Path, frames: int = 300, size=(640, 480),
+               per_face: int = 60, fps: float = 30.0, seed: int = 0) -> Path:
+    """Real face crops moving smoothly (shift, scale, roll) over a grey frame, one face per
+    `per_face` frames, written as MJPG .avi (decodable by any OpenCV build)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    writer = cv2.VideoWriter(str(tmp), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    if not writer.isOpened():
+        raise click.ClickException(f"cannot write {out}")
+    order = rng.permutation(len(images))
+    for i in range(frames):
+        img, _ = read_image(images[order[(i // per_face) % len(images)]])
+        t = i / fps
+        side = 0.55 * h * (1 + 0.12 * np.sin(2 * np.pi * t / 4.0))
+        cx = w / 2 + 0.18 * w * np.sin(2 * np.pi * t / 5.0)
+        cy = h / 2 + 0.08 * h * np.sin(2 * np.pi * t / 3.0)
+        m = cv2.getRotationMatrix2D((img.shape[1] / 2, img.shape[0] / 2),
+                                    10 * np.sin(2 * np.pi * t / 6.0), side / max(img.shape[:2]))
+        m[:, 2] += np.array([cx, cy]) - np.array([img.shape[1] / 2, img.shape[0] / 2])
+        writer.write(cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR,
+                                    borderMode=cv2.BORDER_CONSTANT, borderValue=(90, 90, 90)))
+    writer.release()
+    tmp.replace(out)
+    return out
+
+
+# -- images ----------------------------------------------------------------------------------
+def time_images(pipe: Pipeline, images: list[np.ndarray], warmup: int = 5,
+                truth: list | None = None) -> dict:
+    """Each image alone. truth: per image a (K, 2) ground-truth array in the model's scheme
+    layout plus the eye-corner indices, to score found faces."""
+    for img in images[:warmup]:
+        pipe.process(img)
+    per = {k: [] for k in PARTS}
+    cpu, found, right, nme, stages = [], 0, 0, [], {}
+    for i, img in enumerate(images):
+        c0 = time.process_time()
+        faces = pipe.process(img)
+        cpu.append((time.process_time() - c0) * 1e3)
+        for k in PARTS:
+            per[k].append(pipe.last_ms[k])
+        if not faces:
+            continue
+        found += 1
+        stages[faces[0]["stage"]] = stages.get(faces[0]["stage"], 0) + 1
+        if truth is not None:
+            gt, eyes = truth[i]
+            lo, hi = gt.min(0), gt.max(0)
+            ok = [f for f in faces if np.all((lo <= f["points"].mean(0)) & (f["points"].mean(0) <= hi))]
+            if ok:
+                right += 1
+                d = np.linalg.norm(gt[eyes[0]] - gt[eyes[1]])
+                nme.append(float(np.linalg.norm(ok[0]["points"] - gt, axis=-1).mean() / d))
+    n = len(images)
+    no_pose = np.asarray(per["total"]) - np.asarray(per["pose"])
+    rec = {"images": n, "found": found, "found_share": round(found / n, 4),
+           "ms": {k: _stats(v) for k, v in per.items()},
+           "ms_per_image": _stats(no_pose), "cpu_ms": _stats(cpu),
+           "found_by_stage": stages}
+    if truth is not None:
+        rec.update({"right_face": right, "right_share": round(right / n, 4),
+                    "nme_found": round(float(np.mean(nme)), 5) if nme else None})
+    return rec
+
+
+def wflw_truth(model_scheme):
+    """(image paths, per image (gt points in the model's layout, eye corners)) of WFLW test."""
+    from runtime.schemes import get_scheme
+    from train.data import load_wflw      # development machine only
+    faces = load_wflw()
+    data = get_scheme("wflw98")
+    out = []
+    for f in faces:
+        gt = np.asarray(f.points, np.float64)
+        if model_scheme.num_points != data.num_points:
+            gt = data.as_68(gt)
+        out.append((gt, model_scheme.eye_corners))
+    return [f.image_path for f in faces], out
+
+
+# -- CLI -------------------------------------------------------------------------------------
+def _common(f):
+    f = click.option("--model", "bundles", multiple=True, required=True, type=click.Path(),
+                     help="Bundle folder; repeat to measure several (e.g. one per engine).")(f)
+    f = click.option("--engine", type=click.Choice(sorted(ENGINES)), default=None,
+                     help="Override the bundle's engine.")(f)
+    f = click.option("--threads", type=click.IntRange(1), default=1, show_default=True)(f)
+    f = click.option("--precision", default=None, help="Engine precision hint (OpenVINO "
+                     "'f32' pins full precision; default: the device default, bf16 on some CPUs).")(f)
+    f = click.option("--detector", type=click.Choice(["haar", "yunet"]), default="haar",
+                     show_default=True)(f)
+    f = click.option("--detector-model", type=click.Path(dir_okay=False), default=None)(f)
+    f = click.option("--chain", default=",".join(DEFAULT_HAAR_CHAIN), show_default=True,
+                     help="Haar stages, in order.")(f)
+    f = click.option("--min-face", type=float, default=HAAR_DEFAULTS["min_face"],
+                     show_default=True)(f)
+    f = click.option("--search-px", type=int, default=HAAR_DEFAULTS["search_px"],
+                     show_default=True)(f)
+    f = click.option("--scale-factor", type=float, default=HAAR_DEFAULTS["scale_factor"],
+                     show_default=True)(f)
+    f = click.option("--min-neighbors", type=int, default=HAAR_DEFAULTS["min_neighbors"],
+                     show_default=True)(f)
+    f = click.option("--refine/--no-refine", default=True, show_default=True)(f)
+    f = click.option("--warmup", type=int, default=5, show_default=True)(f)
+    f = click.option("--out", type=click.Path(dir_okay=False), default=None,
+                     help="Write the records as JSON.")(f)
+    return f
+
+
+def _haar(chain, min_face, search_px, scale_factor, min_neighbors) -> dict:
+    return {"chain": tuple(c for c in chain.split(",") if c), "min_face": min_face,
+            "search_px": search_px, "scale_factor": scale_factor, "min_neighbors": min_neighbors}
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+@click.group()
+def cli():
+    """Speed and detection figures of the device runtime."""
+
+
+@cli.command("make-video")
+@click.option("--faces", "faces_dir", type=click.Path(file_okay=False),
+              default=str(SHARED / "300w" / "helen" / "testset"), show_default=True,
+              help="Folder of real face crops.")
+@click.option("--out", type=click.Path(dir_okay=False), required=True)
+@click.option("--frames", type=int, default=300, show_default=True)
+@click.option("--per-face", type=int, default=60, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def make_video_cmd(faces_dir, out, frames, per_face, seed):
+    """A test video from real face crops moving smoothly (no real video ships with the repo)."""
+    images = sorted(p for p in Path(faces_dir).rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+    if not images:
+        raise click.ClickException(f"no .jpg/.png images under {faces_dir}")
+    make_video(images, Path(out), frames, per_face=per_face, seed=seed)
+    click.echo(f"wrote {out}: {frames} frames from {min(len(images), -(-frames // per_face))} faces")
+
+
+@cli.command("video")
+@_common
+@click.option("--video", required=True, help="Video file (see make-video) or camera index.")
+@click.option("--max-frames", type=int, default=0, show_default=True)
+def video_cmd(bundles, engine, threads, precision, detector, detector_model, chain, min_face,
+              search_px, scale_factor, min_neighbors, refine, warmup, out, video, max_frames):
+    """Per-frame stage split and fps, with and without tracking, per bundle."""
+    cv2.setNumThreads(threads)
+    frames = read_frames(video, max_frames)
+    haar = _haar(chain, min_face, search_px, scale_factor, min_neighbors)
+    records = []
+    click.echo(f"{video}: {len(frames)} frames {frames[0].shape[1]}x{frames[0].shape[0]}, "
+               f"{threads} thread(s), first {warmup} not counted", err=True)
+    for i, b in enumerate(bundles, 1):
+        for track in (True, False):
+            pipe = make_pipeline(b, engine, threads, precision, detector, detector_model, haar,
+                                 track=track, refine=refine)
+            click.echo(f"[{i}/{len(bundles)}] {b} track={track} ...", err=True)
+            rec = time_video(pipe, frames, warmup)
+            rec.update({"bundle": str(b), "engine": _engine_label(pipe), "track": track,
+                        "refine": refine, "threads": threads, "detector": detector,
+                        "haar": haar if detector == "haar" else None, "video": str(video)})
+            records.append(rec)
+    click.echo("\n| engine | tracking | detect | crop | landmarks | pose | total ms | fps | "
+               "cpu ms | fps (cpu) | detector runs / frames |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        m = r["ms"]
+        click.echo(f"| {r['engine']} | {'on' if r['track'] else 'off'} | "
+                   + " | ".join(_fmt(m[k]["mean"]) for k in STAGES)
+                   + f" | {_fmt(m['total']['median'])} | {r['fps']} | {_fmt(r['cpu_ms']['median'])}"
+                   f" | {r['fps_cpu']} | {r['detector_runs']} / {r['frames'] + warmup} |")
+    click.echo("(stage columns: mean ms per frame, so they add up with detection running on "
+               "only some frames; total: median ms per frame)")
+    _write(out, records)
+
+
+@cli.command("images")
+@_common
+@click.option("--images", "images_dir", type=click.Path(file_okay=False), default=None,
+              help="Folder of images (default: the WFLW crops in ../shared/wflw).")
+@click.option("--ground-truth/--no-ground-truth", default=False, show_default=True,
+              help="Score found faces against the WFLW annotations (development machine).")
+@click.option("--no-pose", is_flag=True, help="Skip head pose.")
+def images_cmd(bundles, engine, threads, precision, detector, detector_model, chain, min_face,
+               search_px, scale_factor, min_neighbors, refine, warmup, out, images_dir,
+               ground_truth, no_pose):
+    """Median ms per image (detect + crop + landmarks) and the share of images with a face."""
+    cv2.setNumThreads(threads)
+    haar = _haar(chain, min_face, search_px, scale_factor, min_neighbors)
+    records = []
+    for i, b in enumerate(bundles, 1):
+        pipe = make_pipeline(b, engine, threads, precision, detector, detector_model, haar,
+                             track=False, refine=refine, pose=not no_pose)
+        truth = None
+        if ground_truth:
+            paths, truth = wflw_truth(pipe.scheme)
+        else:
+            root = Path(images_dir) if images_dir else SHARED / "wflw" / "WFLW_images"
+            paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
+            if not paths:
+                raise click.ClickException(f"no .jpg/.png images under {root}")
+        images = [read_image(p)[0] for p in paths]
+        click.echo(f"[{i}/{len(bundles)}] {b}: {len(images)} images ...", err=True)
+        rec = time_images(pipe, images, warmup, truth)
+        rec.update({"bundle": str(b), "engine": _engine_label(pipe), "refine": refine,
+                    "threads": threads, "detector": detector,
+                    "haar": haar if detector == "haar" else None})
+        records.append(rec)
+    click.echo("\n| engine | refine | images | face found | right face | NME (found) | "
+               "ms/image median | p90 | detect | landmarks | cpu ms median |")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in records:
+        right = f"{r['right_face']} ({r['right_share']:.1%})" if "right_face" in r else "-"
+        nme = f"{r['nme_found']:.4f}" if r.get("nme_found") is not None else "-"
+        click.echo(f"| {r['engine']} | {r['refine']} | {r['images']} | {r['found']} "
+                   f"({r['found_share']:.1%}) | {right} | {nme} | "
+                   f"{_fmt(r['ms_per_image']['median'])} | {_fmt(r['ms_per_image']['p90'])} | "
+                   f"{_fmt(r['ms']['detect']['median'])} | {_fmt(r['ms']['landmarks']['median'])} | "
+                   f"{_fmt(r['cpu_ms']['median'])} |")
+    _write(out, records)
+
+
+def _write(out, records) -> None:
+    if out:
+        atomic_write_json(out, {"host": host(), "created": datetime.now(timezone.utc).isoformat(
+            timespec="seconds"), "command": " ".join(sys.argv), "records": records})
+        click.echo(f"wrote {out}", err=True)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,128 @@
+"""Reading images, videos and cameras for the runtime, and drawing results on frames.
+
+Every failure is an InputError whose message names the input and what to do; images that are
+not 8-bit BGR (grayscale, with alpha, 16-bit) are converted and the conversion is reported.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+VIDEO_CODECS = {".avi": "MJPG", ".mp4": "mp4v", ".mkv": "MJPG", ".mov": "mp4v"}
+
+
+class InputError(Exception):
+    """An input (image, video, camera, output path) cannot be used; the message says why."""
+
+
+def to_bgr(image: np.ndarray) -> tuple[np.ndarray, str]:
+    """Any decoded image -> (uint8 BGR, note about the conversion or "")."""
+    notes = []
+    img = image
+    if img.dtype != np.uint8:
+        if img.dtype == np.uint16:
+            img = (img // 257).astype(np.uint8)
+        else:
+            img = cv2.normalize(img.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+        notes.append(f"{image.dtype} pixels scaled to 8 bits")
+    if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
+        img = cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2BGR)
+        notes.append("grayscale image converted to 3-channel BGR")
+    elif img.ndim == 3 and img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+        notes.append("4-channel image: alpha channel dropped")
+    elif not (img.ndim == 3 and img.shape[2] == 3):
+        raise InputError(f"unsupported image shape {image.shape}; expected H x W x 1, 3 or 4")
+    return img, "; ".join(notes)
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, str]:
+    """(BGR uint8 image, note on any conversion); EXIF orientation is applied as cv2.imread does."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"input {path} does not exist")
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        raise InputError(f"{path} could not be decoded as an image")
+    img, note = to_bgr(raw)
+    # IMREAD_COLOR does the same conversions and also applies the EXIF orientation
+    color = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    return (img if color is None else color), note
+
+
+def is_image(path: str | Path) -> bool:
+    p = str(path)
+    try:
+        return bool(cv2.haveImageReader(p))
+    except cv2.error:
+        return False
+
+
+def open_video(spec: str) -> tuple[cv2.VideoCapture, float, str]:
+    """A video file or a camera index -> (capture, fps, description)."""
+    if spec.isdigit():
+        cap = cv2.VideoCapture(int(spec))
+        if not cap.isOpened():
+            cap.release()
+            raise InputError(f"camera {spec} cannot be opened (no such device, in use, or no "
+                             "permission); list cameras with `v4l2-ctl --list-devices` on Linux")
+        what = f"camera {spec}"
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise InputError(f"input {path} does not exist (expected an image, a video file or "
+                             "a camera index such as 0)")
+        cap = cv2.VideoCapture(str(path))
+        if not cap.isOpened():
+            cap.release()
+            raise InputError(f"{path} is neither a readable image nor a readable video")
+        what = f"video {path}"
+    fps = cap.get(cv2.CAP_PROP_FPS)
+    return cap, (fps if fps and 0 < fps < 1000 else 30.0), what
+
+
+def video_writer(path: str | Path, fps: float, size: tuple[int, int]) -> cv2.VideoWriter:
+    path = Path(path)
+    codec = VIDEO_CODECS.get(path.suffix.lower())
+    if codec is None:
+        raise InputError(f"--draw {path}: video output must end in "
+                         f"{', '.join(VIDEO_CODECS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, size)
+    if not out.isOpened():
+        raise InputError(f"--draw {path}: cannot write a {codec} video there")
+    return out
+
+
+def write_image(path: str | Path, image: np.ndarray) -> None:
+    path = Path(path)
+    if not cv2.haveImageWriter(str(path)):
+        raise InputError(f"--draw {path}: OpenCV cannot write images of type "
+                         f"'{path.suffix or '(none)'}'; use .jpg or .png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ok, buf = cv2.imencode(path.suffix, image)
+    if not ok:
+        raise InputError(f"--draw {path}: encoding failed")
+    from .bundle import atomic_write_bytes
+    atomic_write_bytes(path, buf.tobytes())
+
+
+def draw_faces(image: np.ndarray, faces: list[dict]) -> np.ndarray:
+    """A copy of the frame with each face's box, points and head pose drawn on it."""
+    out = image.copy()
+    scale = max(1, round(max(out.shape[:2]) / 500))
+    for f in faces:
+        x0, y0, x1, y1 = (int(round(v)) for v in f["box"])
+        color = (0, 200, 0) if f["source"] == "track" else (0, 160, 255)
+        cv2.rectangle(out, (x0, y0), (x1, y1), color, scale)
+        for x, y in np.asarray(f["points"]):
+            cv2.circle(out, (int(round(x)), int(round(y))), scale + 1, (0, 0, 255), -1,
+                       cv2.LINE_AA)
+        if f.get("pose"):
+            p = f["pose"]
+            cv2.putText(out, f"yaw {p['yaw']:+.0f} pitch {p['pitch']:+.0f} roll {p['roll']:+.0f}",
+                        (x0, max(12 * scale, y0 - 4 * scale)), cv2.FONT_HERSHEY_SIMPLEX,
+                        0.4 * scale, color, scale, cv2.LINE_AA)
+    return out

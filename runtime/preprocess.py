@@ -1,0 +1,89 @@
+"""Face box -> square crop -> resize -> normalise, and network output -> image points.
+
+The single implementation used by training-time evaluation, export checks, calibration,
+the benchmark and the device runtime. Constants come from a bundle's meta.json
+(`Preprocess.from_meta`), never from memory.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    input_size: int = 112
+    color: str = "RGB"                 # channel order the network expects ("RGB" or "BGR")
+    mean: tuple[float, float, float] = (127.5, 127.5, 127.5)
+    std: tuple[float, float, float] = (127.5, 127.5, 127.5)
+    crop_scale: float = 1.2            # crop side = crop_scale * max(box width, box height)
+    box_shift_y: float = 0.0           # crop centre moved by this x box side (+ is down)
+    extra: dict = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "Preprocess":
+        p = meta["preprocess"]
+        return cls(int(p["input_size"]), str(p["color"]), tuple(map(float, p["mean"])),
+                   tuple(map(float, p["std"])), float(p["crop_scale"]),
+                   float(p.get("box_shift_y", 0.0)))
+
+    def to_meta(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    # -- geometry ---------------------------------------------------------------------
+    def crop_matrix(self, box, scale: float | None = None) -> np.ndarray:
+        """2x3 affine taking image pixels to crop pixels for a face box (x0, y0, x1, y1)."""
+        x0, y0, x1, y1 = map(float, box)
+        side = max(x1 - x0, y1 - y0)
+        if not side > 0:
+            raise ValueError(f"face box {tuple(box)} has no area")
+        cx = (x0 + x1) / 2
+        cy = (y0 + y1) / 2 + self.box_shift_y * side
+        side *= self.crop_scale if scale is None else scale
+        s = self.input_size / side
+        return np.array([[s, 0, -(cx - side / 2) * s], [0, s, -(cy - side / 2) * s]], np.float64)
+
+    def crop(self, image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+        n = self.input_size
+        return cv2.warpAffine(image, matrix, (n, n), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+
+    # -- pixels -> tensor ---------------------------------------------------------------
+    def normalize(self, crops_bgr: np.ndarray) -> np.ndarray:
+        """uint8 BGR crops (N, H, W, 3) or (H, W, 3) -> float32 NCHW network input."""
+        x = np.asarray(crops_bgr)
+        if x.ndim == 3:
+            x = x[None]
+        if self.color == "RGB":
+            x = x[..., ::-1]
+        x = (x.astype(np.float32) - np.float32(self.mean)) / np.float32(self.std)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    def __call__(self, image_bgr: np.ndarray, boxes) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Crop and normalise every box of one image: (NCHW batch, crop matrices)."""
+        mats = [self.crop_matrix(b) for b in boxes]
+        crops = np.stack([self.crop(image_bgr, m) for m in mats]) if mats else \
+            np.zeros((0, self.input_size, self.input_size, 3), np.uint8)
+        return self.normalize(crops), mats
+
+    # -- tensor -> points ---------------------------------------------------------------
+    def decode(self, output: np.ndarray, matrices) -> np.ndarray:
+        """Network output (N, 2K) in crop-normalised [0, 1] units -> (N, K, 2) image pixels."""
+        out = np.asarray(output, np.float64)
+        pts = out.reshape(out.shape[0], -1, 2) * self.input_size
+        res = np.empty_like(pts)
+        for i, m in enumerate(matrices):
+            inv = cv2.invertAffineTransform(np.asarray(m, np.float64))
+            res[i] = pts[i] @ inv[:, :2].T + inv[:, 2]
+        return res
+
+
+def landmark_box(points: np.ndarray) -> tuple[float, float, float, float]:
+    """Extent of a point set: the 'ground-truth landmark' crop protocol's box."""
+    p = np.asarray(points, np.float64)
+    return float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())

@@ -1,0 +1,160 @@
+"""Facial landmarks and head pose on an image, a video or a camera, as JSON lines on stdout.
+
+    python runtime/run.py --model BUNDLE --input face.jpg [--draw out.jpg]
+    python runtime/run.py --model BUNDLE --input clip.mp4 --draw out.avi
+    python runtime/run.py --model BUNDLE --input 0                     # camera 0, Ctrl-C stops
+
+One line per frame: {"frame", "faces": [{"box", "points", "pose": {"yaw", "pitch", "roll"},
+"source", "stage", "track"}], "ms": {"detect", "crop", "landmarks", "pose", "total"}}.
+Notes (conversions, "no face found") go to stderr. Exit status: 0 on success, also when no face
+is found (the JSON line then has "faces": []: an empty result is an answer, not a failure);
+1 when the bundle, the input or an output cannot be used; 2 for bad flags.
+
+Runs from a copied runtime/ folder with numpy, opencv and one engine; never imports torch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # `python runtime/run.py` from anywhere: import this folder as the package `runtime`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import click  # noqa: E402
+import cv2  # noqa: E402
+
+from runtime.bundle import BundleError  # noqa: E402
+from runtime.detector import DETECTORS, DetectorError  # noqa: E402
+from runtime.engines import ENGINES, EngineUnavailable  # noqa: E402
+from runtime.media import (InputError, draw_faces, is_image, open_video, read_image,  # noqa: E402
+                           video_writer, write_image)
+from runtime.pipeline import Pipeline  # noqa: E402
+
+
+def face_json(f: dict, digits: int = 2) -> dict:
+    return {"box": [round(v, digits) for v in f["box"]],
+            "points": [[round(float(x), digits), round(float(y), digits)] for x, y in f["points"]],
+            "pose": None if f["pose"] is None else {k: round(v, digits) for k, v in f["pose"].items()},
+            "source": f["source"], "stage": f["stage"], "track": f["track"]}
+
+
+def emit(frame: int, faces: list[dict], ms: dict) -> None:
+    line = {"frame": frame, "faces": [face_json(f) for f in faces],
+            "ms": {k: round(v, 3) for k, v in ms.items()}}
+    sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.flush()
+
+
+def note(msg: str) -> None:
+    click.echo(f"note: {msg}", err=True)
+
+
+def run_image(pipe: Pipeline, path: str, draw: str | None) -> None:
+    img, conv = read_image(path)
+    if conv:
+        note(f"{path}: {conv}")
+    faces = pipe.process(img)
+    if not faces:
+        note(f"{path}: no face found")
+    emit(0, faces, pipe.last_ms)
+    if draw:
+        write_image(draw, draw_faces(img, faces))
+
+
+def run_video(pipe: Pipeline, spec: str, draw: str | None, max_frames: int) -> None:
+    cap, fps, what = open_video(spec)
+    pipe.fps = fps
+    writer, empty, n, told = None, 0, 0, False
+    try:
+        while not max_frames or n < max_frames:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != "uint8":
+                from runtime.media import to_bgr
+                frame, conv = to_bgr(frame)
+                if conv and not told:
+                    note(f"{what}: {conv}")
+                    told = True
+            faces = pipe.process(frame)
+            empty += not faces
+            emit(n, faces, pipe.last_ms)
+            if draw:
+                if writer is None:
+                    writer = video_writer(draw, fps, (frame.shape[1], frame.shape[0]))
+                writer.write(draw_faces(frame, faces))
+            n += 1
+    finally:
+        cap.release()
+        if writer is not None:
+            writer.release()
+    if n == 0:
+        raise InputError(f"{what}: no frame could be read")
+    if empty:
+        note(f"{what}: no face found in {empty} of {n} frames")
+    note(f"{what}: {n} frames, detector ran on {pipe.detector_runs}")
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "bundle", required=True, type=click.Path(),
+              help="Model bundle folder (model file + meta.json).")
+@click.option("--input", "source", required=True,
+              help="Image file, video file, or camera index (0, 1, ...).")
+@click.option("--engine", type=click.Choice(sorted(ENGINES)), default=None,
+              help="Override the bundle's engine.  [default: from meta.json]")
+@click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
+              help="Threads for the engine and OpenCV.")
+@click.option("--device", default=None, help="Engine device: onnxruntime provider, OpenVINO "
+              "device (CPU, GPU, NPU) or a TFLite delegate library.")
+@click.option("--detector", type=click.Choice(sorted(DETECTORS)), default="haar",
+              show_default=True)
+@click.option("--detector-model", type=click.Path(dir_okay=False), default=None,
+              help="YuNet ONNX file for --detector yunet.")
+@click.option("--track/--no-track", default=True, show_default=True,
+              help="Video: place crops from the previous frame's points (re-detect when lost).")
+@click.option("--pose/--no-pose", default=True, show_default=True, help="Head pose per face.")
+@click.option("--refine/--no-refine", default=True, show_default=True,
+              help="Second landmark pass on a crop cut from a new face's first-pass points.")
+@click.option("--max-faces", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--max-frames", type=click.IntRange(0), default=0, show_default=True,
+              help="Stop a video or camera after N frames (0: run to the end / Ctrl-C).")
+@click.option("--draw", type=click.Path(dir_okay=False), default=None,
+              help="Write the input with points drawn (image: .jpg/.png; video: .avi/.mp4).")
+def main(bundle, source, engine, threads, device, detector, detector_model, track, pose,
+         refine, max_faces, max_frames, draw):
+    """Facial landmarks and head pose as JSON lines (one per frame) on stdout."""
+    cv2.setNumThreads(threads)
+    try:
+        try:
+            pipe = Pipeline(bundle, engine=engine, threads=threads, device=device,
+                            detector=detector, detector_model=detector_model, track=track,
+                            pose=pose, refine=refine, max_faces=max_faces)
+        except (BundleError, DetectorError, EngineUnavailable):
+            raise
+        except Exception as e:  # noqa: BLE001 - engines raise their own types for a bad model
+            raise BundleError(f"cannot load the model of bundle {bundle}: "
+                              f"{type(e).__name__}: {e}") from None
+        if not getattr(pipe.detector, "calibrated", True):
+            note(f"{detector} detector boxes are not calibrated for this model (see "
+                 "runtime/calibrate_detector.py); using an estimate")
+        if not source.isdigit() and is_image(source):
+            run_image(pipe, source, draw)
+        else:
+            run_video(pipe, source, draw, max_frames)
+    except (BundleError, InputError, DetectorError, EngineUnavailable, ValueError, KeyError,
+            FileNotFoundError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        click.echo(f"error: {msg}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:      # e.g. `| head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Shared fixtures: real faces from ../shared, a tiny real PFLD checkpoint, the shipped model."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SHIPPED = REPO / "models" / "pfld68_w05.pt"
+
+
+@pytest.fixture(scope="session")
+def wflw_faces():
+    from train.data import load_wflw
+    return load_wflw()
+
+
+@pytest.fixture(scope="session")
+def helen_faces():
+    from train.data import load_300w
+    return load_300w(split="helen_test")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A width-0.25, 68-point PFLD at the real input size, saved as a real checkpoint."""
+    import torch
+
+    from runtime.preprocess import Preprocess
+    from train.engine import save_checkpoint
+    from train.model import PFLD
+    torch.manual_seed(0)
+    m = PFLD(68, 0.25).eval()
+    path = tmp_path_factory.mktemp("tiny") / "tiny.pt"
+    save_checkpoint(path, {"arch": {"num_points": 68, "width": 0.25, "input_size": 112},
+                           "scheme": "300w68", "preprocess": Preprocess().to_meta(),
+                           "model": m.state_dict()})
+    return path
+
+
+@pytest.fixture(scope="session")
+def shipped_checkpoint():
+    """The committed trained model (models/dev.pt while training is in progress)."""
+    for p in (SHIPPED, REPO / "models" / "dev.pt"):
+        if p.is_file():
+            return p
+    pytest.fail(f"no trained model at {SHIPPED}")

@@ -1,0 +1,119 @@
+"""The training loop end to end on real faces: checkpoints, resume, WFLW path, DDP, and the
+accuracy claim of the shipped model."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.preprocess import Preprocess
+from runtime.schemes import get_scheme
+from train import data as D
+from train.engine import TrainConfig, load_checkpoint, model_from_checkpoint, torch_predictor, train
+from train.metrics import evaluate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny(out, **kw):
+    base = dict(dataset="300w", width=0.25, epochs=2, batch_size=8, limit_faces=24,
+                val_fraction=0.2, out=str(out), progress=False, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_train_writes_loadable_checkpoint_and_resumes(tmp_path):
+    entry = train(_tiny(tmp_path, epochs=1))
+    assert entry["epoch"] == 1 and entry["step"] == 3          # ~19 faces / batch 8
+    raw = torch.load(tmp_path / "last.pt", weights_only=True)  # safe loading works
+    assert raw["arch"] == {"num_points": 68, "width": 0.25, "input_size": 112}
+    assert "val" in entry and 0 < entry["val"]["nme"]
+    # resume: the second run continues at epoch 2 and keeps the history
+    entry2 = train(_tiny(tmp_path, epochs=2))
+    assert entry2["epoch"] == 2 and entry2["step"] == 6
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert [h["epoch"] for h in ck["history"]] == [1, 2]
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in log] == [1, 2]
+    assert (tmp_path / "best.pt").is_file()
+
+
+def test_resume_refuses_another_architecture(tmp_path):
+    train(_tiny(tmp_path, epochs=1, max_steps=1))
+    with pytest.raises(ValueError, match="different architecture"):
+        train(_tiny(tmp_path, epochs=1, width=0.5))
+
+
+def test_same_seed_same_weights(tmp_path):
+    a = train(_tiny(tmp_path / "a", epochs=1, max_steps=2))
+    b = train(_tiny(tmp_path / "b", epochs=1, max_steps=2))
+    wa = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    wb = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
+    assert a["loss"] == b["loss"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_bad_checkpoint_files(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "none.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"state": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a landmark checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_wflw_training_path_end_to_end(tmp_path, wflw_faces):
+    """A user with the official WFLW files trains a 98-point model and evaluates it."""
+    src = D.wflw_list(D.default_root("wflw"), "test").read_text().splitlines()
+    lists = tmp_path / "wflw" / D.WFLW_LIST_DIR
+    lists.mkdir(parents=True)
+    (lists / "list_98pt_rect_attr_train.txt").write_text("\n".join(src[:24]) + "\n")
+    (lists / "list_98pt_rect_attr_test.txt").write_text("\n".join(src[24:32]) + "\n")
+    (tmp_path / "wflw" / "WFLW_images").symlink_to(D.default_root("wflw") / "WFLW_images")
+    cfg = _tiny(tmp_path / "run", dataset="wflw", data_root=str(tmp_path / "wflw"), epochs=1,
+                loss="pfld")
+    entry = train(cfg)
+    assert entry["step"] >= 2 and np.isfinite(entry["loss"])
+    ck = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ck["scheme"] == "wflw98" and ck["arch"]["num_points"] == 98
+    model = model_from_checkpoint(ck)
+    test = D.load_wflw(tmp_path / "wflw", "test")
+    for protocol in ("landmarks", "rect"):
+        r = evaluate(torch_predictor(model), test, Preprocess.from_meta(ck), get_scheme(98),
+                     get_scheme(98), protocol)
+        assert r["count"] == 8 and np.isfinite(r["nme"]) and "subsets" in r
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_with_gloo(tmp_path):
+    """torchrun with 2 processes on the gloo backend trains and writes one checkpoint."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-port", "29517", os.path.join(REPO, "train", "run.py"), "fit",
+           "--width", "0.25", "--epochs", "1", "--batch-size", "4", "--limit-faces", "24",
+           "--val-fraction", "0.2", "--threads", "1", "--out", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = load_checkpoint(tmp_path / "last.pt")
+    # 19 training faces, 2 ranks x batch 4 -> 3 optimizer steps per rank
+    assert ck["step"] == 3 and ck["epoch"] == 1
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 1   # only rank 0 logs
+
+
+@pytest.mark.slow
+def test_shipped_model_accuracy(shipped_checkpoint, helen_faces):
+    """The README's HELEN claim: NME at most 4.5% (crops from the landmark extent)."""
+    if shipped_checkpoint.name == "dev.pt":
+        pytest.skip("the trained model is not shipped yet")
+    ck = load_checkpoint(shipped_checkpoint)
+    r = evaluate(torch_predictor(model_from_checkpoint(ck)), helen_faces,
+                 Preprocess.from_meta(ck), get_scheme(68), get_scheme(68), "landmarks")
+    assert r["count"] == 330
+    assert r["nme"] <= 0.045

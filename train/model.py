@@ -1,0 +1,81 @@
+"""PFLD in plain torch.nn: MobileNetV2 inverted-residual backbone, multi-scale FC head.
+
+The auxiliary branch regresses head pose (yaw, pitch, roll) from the 4th block's features and
+is used only in training; `forward` returns points alone unless `with_pose=True`, so the
+exported graph has one output: (N, 2K) point coordinates in crop-normalised [0, 1] units.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _ch(c: int, width: float) -> int:
+    return max(8, int(round(c * width / 8)) * 8) if width < 1 else int(c * width)
+
+
+def conv_bn(cin, cout, k, s, p=None, groups=1, act=True):
+    layers = [nn.Conv2d(cin, cout, k, s, k // 2 if p is None else p, groups=groups, bias=False),
+              nn.BatchNorm2d(cout)]
+    if act:
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        hid = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.block = nn.Sequential(conv_bn(cin, hid, 1, 1), conv_bn(hid, hid, 3, stride, groups=hid),
+                                   conv_bn(hid, cout, 1, 1, act=False))
+
+    def forward(self, x):
+        return x + self.block(x) if self.use_res else self.block(x)
+
+
+class PFLD(nn.Module):
+    def __init__(self, num_points: int = 68, width: float = 1.0, input_size: int = 112):
+        super().__init__()
+        if input_size != 112:
+            raise ValueError("PFLD's head assumes a 112 x 112 input")
+        self.num_points, self.width = num_points, width
+        c64, c128, c16, c32 = (_ch(c, width) for c in (64, 128, 16, 32))
+        self.stem = nn.Sequential(conv_bn(3, c64, 3, 2), conv_bn(c64, c64, 3, 1, groups=c64))
+        self.block4 = nn.Sequential(InvertedResidual(c64, c64, 2, 2),
+                                    *[InvertedResidual(c64, c64, 1, 2) for _ in range(4)])  # 28x28
+        self.block5 = nn.Sequential(InvertedResidual(c64, c128, 2, 2),
+                                    *[InvertedResidual(c128, c128, 1, 4) for _ in range(6)],
+                                    InvertedResidual(c128, c16, 1, 2))                      # 14x14
+        self.s2 = conv_bn(c16, c32, 3, 2)                                                   # 7x7
+        self.s3 = nn.Sequential(nn.Conv2d(c32, c128, 7, 1, 0), nn.BatchNorm2d(c128),
+                                nn.ReLU(inplace=True))                                       # 1x1
+        self.fc = nn.Linear(c16 + c32 + c128, num_points * 2)
+        nn.init.constant_(self.fc.bias, 0.5)   # start from the crop centre, not the corner
+        # auxiliary pose branch (training only)
+        self.aux = nn.Sequential(conv_bn(c64, c128, 3, 2), conv_bn(c128, c128, 3, 1),
+                                 conv_bn(c128, c32, 3, 2), conv_bn(c32, c128, 7, 1, p=1),
+                                 nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                                 nn.Linear(c128, 32), nn.Linear(32, 3))
+
+    def forward(self, x: torch.Tensor, with_pose: bool = False):
+        x = self.stem(x)
+        f4 = self.block4(x)
+        s1 = self.block5(f4)
+        s2 = self.s2(s1)
+        s3 = self.s3(s2)
+        feats = torch.cat([s1.mean((2, 3)), s2.mean((2, 3)), s3.flatten(1)], 1)
+        pts = self.fc(feats)
+        if with_pose:
+            return pts, self.aux(f4)
+        return pts
+
+
+def build(arch: dict) -> PFLD:
+    """Model from the 'arch' dict stored in every checkpoint."""
+    return PFLD(int(arch["num_points"]), float(arch["width"]), int(arch.get("input_size", 112)))
+
+
+def count_params(model: nn.Module, inference_only: bool = True) -> int:
+    return sum(p.numel() for n, p in model.named_parameters()
+               if not (inference_only and n.startswith("aux.")))
