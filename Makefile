@@ -27,9 +27,10 @@ benchmark: venv
 	$(PY) benchmark/run.py --backend all --precision fp32,fp16,int8 --threads $(THREADS) \
 		--bundles $(ART) --checkpoint $(MODEL) --out $(ART)/benchmark
 
-# CI gate: a quick benchmark of the gated rows, then limits from benchmark/gates.json
 gate: quantize
-	$(PY) benchmark/gate.py --bundles $(ART) --checkpoint $(MODEL)
+	$(PY) benchmark/run.py --backend all --threads 1 --runs 100 --no-plots \
+		--bundles $(ART) --checkpoint $(MODEL) --out $(ART)/gate-run
+	$(PY) benchmark/gate.py --run $(ART)/gate-run
 
 test: venv
 	$(PY) -m pytest -q

@@ -21,20 +21,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from runtime.bundle import atomic_write_json
-from runtime.engines import ENGINES
 from benchmark import records as R
 from benchmark.measure import load_sets
 from benchmark.targets import PRECISIONS, Target, checkpoint_target, discover_bundles, external_target
+from runtime.bundle import atomic_write_json
+from runtime.engines import ENGINES
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLES = "artifacts/pfld68_w05"
 DEFAULT_CHECKPOINT = "models/pfld68_w05.pt"
 EXEC_PRECISIONS = ("default", "f32")   # "default": the device's own choice (bf16 on this CPU)
+
+
+class PlanError(ValueError):
+    """The requested rows cannot be planned (unknown backend or precision, bad thread count)."""
 
 
 @dataclass
@@ -53,6 +57,7 @@ class BenchConfig:
     warmup: int = 20
     runs: int = 200
     batch: int = 16                       # throughput batch
+    max_seconds: float = 10.0             # time cap of each timing loop (>= 10 runs are kept)
     externals: tuple[tuple[str, str], ...] = ()   # (model file, spec.json)
     timeout_s: float = 900.0
     plots: bool = True
@@ -96,7 +101,7 @@ def selected_backends(names) -> list[str]:
         return list(ENGINES)
     unknown = [n for n in names if n not in ENGINES]
     if unknown:
-        raise ValueError(f"unknown backend {', '.join(unknown)}; known: {', '.join(ENGINES)}, all")
+        raise PlanError(f"unknown backend {', '.join(unknown)}; known: {', '.join(ENGINES)}, all")
     return names
 
 
@@ -123,10 +128,10 @@ def _expand(t: Target, cfg: BenchConfig, devices=None, threads=None, hints=None,
 def plan(cfg: BenchConfig) -> list[Row]:
     """Every row of the run, the torch reference first."""
     if not cfg.threads or any(t < 1 for t in cfg.threads):
-        raise ValueError(f"threads must be positive integers, got {cfg.threads}")
+        raise PlanError(f"threads must be positive integers, got {cfg.threads}")
     bad = [p for p in cfg.precisions if p not in PRECISIONS]
     if bad:
-        raise ValueError(f"unknown precision {', '.join(bad)}; known: {', '.join(PRECISIONS)}")
+        raise PlanError(f"unknown precision {', '.join(bad)}; known: {', '.join(PRECISIONS)}")
     backends = selected_backends(cfg.backends)
     model = Path(cfg.bundles).name
     ref = checkpoint_target(cfg.checkpoint, model)
@@ -180,7 +185,7 @@ def _job(row: Row, cfg: BenchConfig, arrays_out: Path) -> dict:
             "adapter": t.adapter, "threads": row.threads,
             "device": None if row.device.upper() == "CPU" else row.device,
             "hint": None if row.hint == "default" else row.hint,
-            "warmup": cfg.warmup, "runs": cfg.runs, "batch": cfg.batch,
+            "warmup": cfg.warmup, "runs": cfg.runs, "batch": cfg.batch, "max_seconds": cfg.max_seconds,
             "wflw": str(Path(cfg.wflw).resolve()) if cfg.wflw else None,
             "w300": str(Path(cfg.w300).resolve()) if cfg.w300 else None,
             "max_faces": cfg.max_faces, "arrays_out": str(arrays_out),
@@ -193,7 +198,8 @@ def run_isolated(job: dict, work: Path, log: Path, timeout_s: float) -> dict:
     job_path.write_text(json.dumps(job))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
-    # one thread for numpy/opencv helpers; the engine itself gets --threads
+    # OpenMP pools (torch) sized to the row's threads, BLAS helpers single-threaded; each
+    # engine also gets the thread count explicitly
     env.update(OMP_NUM_THREADS=str(job["threads"] or 1), OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -57,8 +57,8 @@ def load_gates(path: str | Path) -> dict:
         if not isinstance(spec, dict) or not isinstance(spec.get("max_bytes"), int):
             raise GateError(f"{path}: bundles.{name} needs an integer 'max_bytes'")
     for prec, lim in g.get("drift_max", {}).items():
-        if not isinstance(lim, dict) or not set(lim) <= {"nme_delta", "shift_px"}:
-            raise GateError(f"{path}: drift_max.{prec} must hold 'nme_delta' and/or 'shift_px'")
+        if not isinstance(lim, dict) or not lim or not set(lim) <= {"nme_delta", "shift_px", "shift_iod"}:
+            raise GateError(f"{path}: drift_max.{prec} must hold 'nme_delta', 'shift_px' and/or 'shift_iod'")
     for i, pair in enumerate(g.get("speed_ratio_max", [])):
         if not {"int8", "fp32", "max"} <= set(pair):
             raise GateError(f"{path}: speed_ratio_max[{i}] needs 'int8', 'fp32' (bundle names) and 'max'")
@@ -145,6 +145,13 @@ def evaluate_gates(g: dict, records: list[dict]) -> list[Check]:
             v = d["max_shift_px"]
             checks.append(Check(f"drift shift ({prec})", label(r), f"<= {lim['shift_px']:.3f} px",
                                 f"{v:.3f} px ({worst})", v <= lim["shift_px"]))
+
+        if "shift_iod" in lim:
+            v = d.get("max_shift_iod")
+            worst = max(sets, key=lambda k: sets[k].get("shift_iod", 0))
+            checks.append(Check(f"drift shift/iod ({prec})", label(r), f"<= {_pct(lim['shift_iod'])}",
+                                "missing" if v is None else f"{_pct(v)} ({worst})",
+                                v is not None and v <= lim["shift_iod"]))
 
     # 4. INT8 / FP32 latency ratios, paired within the run
     for pair in g.get("speed_ratio_max", []):

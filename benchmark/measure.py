@@ -8,8 +8,8 @@ outside Python's heap, keep thread pools and caches alive, and never hand memory
 measuring several engines in one process lets earlier rows inflate later ones. tracemalloc
 sees none of it. Memory is read from the kernel instead:
 
-  rss_base_mb   resident set right before the engine is built (python, numpy, opencv, the
-                faces used as timing input; the engine's own package is NOT imported yet)
+  rss_base_mb   resident set before the engine's package is imported (by available() or
+                the constructor): python, numpy, opencv and the faces used as timing input
   rss_peak_mb   peak resident set (VmHWM, reset via /proc/self/clear_refs right before the
                 engine is built) over: building the engine twice (cold, then warm), warm-up,
                 the batch-1 latency runs, the batch-N throughput runs and the pipeline runs
@@ -97,17 +97,29 @@ def peak_mb() -> float:
 
 
 # -- timing ------------------------------------------------------------------------------------
-def time_calls(fn, x, warmup: int, runs: int) -> dict:
-    """Median/p90/mean/min of `runs` timed calls after `warmup` untimed ones (milliseconds)."""
+MIN_RUNS = 10   # a time cap never cuts a measurement below this many runs
+
+
+def time_calls(fn, x, warmup: int, runs: int, max_s: float | None = None) -> dict:
+    """Median/p90/mean/min of `runs` timed calls after `warmup` untimed ones (milliseconds).
+
+    With `max_s`, timing stops once that many seconds are spent (after at least MIN_RUNS
+    runs), so a pathologically slow row (e.g. an oversubscribed machine) cannot stall a run;
+    the record then says how many runs were actually timed.
+    """
     for _ in range(warmup):
         fn(x)
-    ts = np.empty(runs)
+    ts, start = [], time.perf_counter()
     for i in range(runs):
         t0 = time.perf_counter_ns()
         fn(x)
-        ts[i] = (time.perf_counter_ns() - t0) / 1e6
+        ts.append((time.perf_counter_ns() - t0) / 1e6)
+        if max_s is not None and i + 1 >= MIN_RUNS and time.perf_counter() - start > max_s:
+            break
+    ts = np.array(ts)
     return {"median_ms": float(np.median(ts)), "p90_ms": float(np.percentile(ts, 90)),
-            "mean_ms": float(ts.mean()), "min_ms": float(ts.min()), "warmup": warmup, "runs": runs}
+            "mean_ms": float(ts.mean()), "min_ms": float(ts.min()), "warmup": warmup,
+            "runs": len(ts), "runs_requested": runs, "capped_by_time": len(ts) < runs}
 
 
 def short_precision(text: str) -> str:
@@ -172,9 +184,6 @@ def run_job(job: dict) -> dict:
     t_start = time.perf_counter()
     try:
         cls = resolve_engine(job)
-        ok, why = cls.available()
-        if not ok:
-            return {**res, "status": "skipped", "reason": why}
         meta = job["meta"]
         pre = Preprocess.from_meta(meta)
         model_scheme = get_scheme(meta["scheme"])
@@ -190,6 +199,9 @@ def run_job(job: dict) -> dict:
         # memory and load time: build the engine cold (first import of its library), drop
         # it, build it again warm; load_s is the warm build (what re-loading a model costs)
         res["memory"] = {"rss_base_mb": rss_mb(), "method": reset_peak()}
+        ok, why = cls.available()   # may import the engine's package: counted from here on
+        if not ok:
+            return {**res, "status": "skipped", "reason": why, "memory": None}
         t0 = time.perf_counter()
         engine = cls(job["path"], **kwargs)
         res["load_cold_s"] = time.perf_counter() - t0
@@ -204,7 +216,8 @@ def run_job(job: dict) -> dict:
         predict = adapt(engine, job.get("adapter") or {}, model_scheme.num_points)
 
         y1 = predict(x_1)
-        res["latency"] = {**time_calls(predict, x_1, job["warmup"], job["runs"]), "batch": 1}
+        cap = job.get("max_seconds")
+        res["latency"] = {**time_calls(predict, x_1, job["warmup"], job["runs"], cap), "batch": 1}
 
         n = len(x_n)
         eval_batch = 1
@@ -214,7 +227,7 @@ def run_job(job: dict) -> dict:
                 diff = float(np.abs(yn[:1] - y1).max())
                 if diff > BATCH_CHECK_TOL:
                     raise ValueError(f"batch-{n} output differs from batch-1 output by {diff:.3g}")
-                t = time_calls(predict, x_n, max(2, job["warmup"] // 4), max(5, job["runs"] // 8))
+                t = time_calls(predict, x_n, max(2, job["warmup"] // 4), max(5, job["runs"] // 8), cap)
                 res["throughput"] = {"batch": n, "faces_per_s": n / (t["median_ms"] / 1e3),
                                      "median_ms": t["median_ms"], "p90_ms": t["p90_ms"],
                                      "runs": t["runs"]}
@@ -231,7 +244,7 @@ def run_job(job: dict) -> dict:
             batch, mats = pre(img, [box])
             return pre.decode(predict(batch), mats)
         res["pipeline"] = {**time_calls(pipeline, None, max(1, job["warmup"] // 4),
-                                        max(5, job["runs"] // 4)),
+                                        max(5, job["runs"] // 4), cap),
                            "what": "crop + normalise + inference + decode, one face"}
         peak = peak_mb()
         res["memory"].update({"rss_peak_mb": peak, "peak_rss_mb": peak - res["memory"]["rss_base_mb"]
@@ -252,6 +265,9 @@ def run_job(job: dict) -> dict:
             key = f"{set_name}/{protocol}"
             arrays[f"{key}|nme"] = r.pop("_nme").astype(np.float32)
             arrays[f"{key}|points"] = r.pop("_points").astype(np.float32)
+            ec = get_scheme(SET_SCHEMES[set_name]).eye_corners   # outer eye corners of the faces
+            arrays[f"{key}|iod"] = np.array([np.linalg.norm(f.points[ec[0]] - f.points[ec[1]])
+                                             for f in faces], np.float32)
             acc[key] = r
         res["accuracy"] = acc
         res["eval_batch"] = eval_batch

@@ -100,10 +100,15 @@ def drift(arrays: dict, ref_arrays: dict, accuracy: dict, ref_accuracy: dict) ->
         sets[key] = {"nme_delta": acc["nme"] - ref_accuracy[key]["nme"],
                      "shift_px": float(per_face.mean()), "shift_px_max": float(per_face.max()),
                      "faces": int(len(per_face))}
+        iod = arrays.get(f"{key}|iod")
+        if iod is not None and iod.shape == per_face.shape:
+            # the shift in NME units (outer-eye distance): comparable across face sizes
+            sets[key]["shift_iod"] = float((per_face / iod).mean())
     good = [v for v in sets.values() if "error" not in v]
     return {"sets": sets,
             "max_abs_nme_delta": max((abs(v["nme_delta"]) for v in good), default=None),
-            "max_shift_px": max((v["shift_px"] for v in good), default=None)}
+            "max_shift_px": max((v["shift_px"] for v in good), default=None),
+            "max_shift_iod": max((v["shift_iod"] for v in good if "shift_iod" in v), default=None)}
 
 
 def load_arrays(path) -> dict:

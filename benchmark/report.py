@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import numpy as np
 
 from benchmark.measure import EVAL_SETS
 from benchmark.records import label, load_arrays, load_run
@@ -48,7 +47,7 @@ def markdown(man: dict, records: list[dict]) -> str:
              f"Host: {man['host']}", "",
              "How to read it:",
              f"- **median / p90 ms**: engine call on one real face crop (batch 1), {cfg.get('runs')} timed "
-             f"runs after {cfg.get('warmup')} warm-up runs; preprocessing excluded. **pipeline ms**: "
+             f"runs after {cfg.get('warmup')} warm-up runs (`*`: fewer, stopped by the {cfg.get('max_seconds')} s time cap; the record has the count); preprocessing excluded. **pipeline ms**: "
              "crop + normalise + inference + decode for one face (runtime code). **faces/s**: batch "
              f"{cfg.get('batch')} throughput (\"-\" when the model has a static batch).",
              "- **exec**: execution precision the latency was measured with. OpenVINO rows come in "
@@ -87,7 +86,7 @@ def markdown(man: dict, records: list[dict]) -> str:
         row = [r["bundle"] + (" (ref)" if r.get("role") == "reference" else ""), r["backend"],
                r["precision"], r["device"], exec_s, _f(r.get("threads"), "{}"),
                r["status"] if ok else f"**{r['status']}**",
-               _f(lat.get("median_ms")), _f(lat.get("p90_ms")), _f(thr.get("faces_per_s"), "{:.0f}"),
+               _f(lat.get("median_ms")) + ("*" if lat.get("capped_by_time") else ""), _f(lat.get("p90_ms")), _f(thr.get("faces_per_s"), "{:.0f}"),
                _f((r.get("pipeline_latency") or {}).get("median_ms")),
                _f(r.get("size_bytes"), "{:.0f}", 1 / 1024), _f(r.get("load_s"), "{:.3f}"),
                _f(r.get("peak_rss_mb"), "{:.1f}")]
@@ -99,15 +98,17 @@ def markdown(man: dict, records: list[dict]) -> str:
     if distinct:
         lines += ["", "## Accuracy per evaluation set", "",
                   "One row per model and execution precision (accuracy does not depend on threads).", "",
-                  "| row | set | faces | NME % | FR % | AUC | NME diff vs torch (pp) | mean shift px | worst face shift px |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "Shift: distance of each point from the torch FP32 point on the same face, in image "
+                  "pixels (mean over faces; worst face) and in NME units (% of the outer-eye distance).", "",
+                  "| row | set | faces | NME % | FR % | AUC | NME diff vs torch (pp) | mean shift px | worst face shift px | shift % iod |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in distinct:
             for key, a in r["accuracy"].items():
                 ds = ((r.get("drift") or {}).get("sets") or {}).get(key, {})
                 lines.append(f"| {label(r)} | {SET_TITLES.get(key, key)} | {a['count']} | "
                              f"{a['nme'] * 100:.2f} | {a['fr'] * 100:.1f} | {a['auc']:.3f} | "
                              f"{_f(ds.get('nme_delta'), '{:+.3f}', 100)} | {_f(ds.get('shift_px'), '{:.3f}')} | "
-                             f"{_f(ds.get('shift_px_max'), '{:.3f}')} |")
+                             f"{_f(ds.get('shift_px_max'), '{:.3f}')} | {_f(ds.get('shift_iod'), '{:.3f}', 100)} |")
         attrs = ("pose", "expression", "illumination", "makeup", "occlusion", "blur")
         lines += ["", "## WFLW attribute subsets (NME %, evaluation faces)", "",
                   "| row | protocol | " + " | ".join(attrs) + " |", "|---|---|" + "---|" * len(attrs)]
@@ -154,7 +155,8 @@ def plot_latency_vs_nme(records: list[dict], path: Path) -> None:
             ax.scatter(x, y, color=colors[r["backend"]], marker=markers.get(r["precision"], "x"),
                        s=36, edgecolor="k", linewidth=0.4)
             ax.annotate(label(r), (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        ax.set_xlabel("latency, batch 1, median (ms)")
+        ax.set_xscale("log")
+        ax.set_xlabel("latency, batch 1, median (ms, log scale)")
         ax.set_ylabel("NME (%)")
         ax.set_title(SET_TITLES.get(key, key), fontsize=10)
         ax.grid(alpha=0.3)
@@ -193,7 +195,13 @@ def plot_sizes(records: list[dict], path: Path) -> None:
 def plot_ceds(records: list[dict], rec_dir: Path, out: Path) -> list[Path]:
     from train.metrics import plot_ced
     written = []
-    distinct = [r for r in _distinct(records) if r.get("nme_file")]
+    # one curve per model file, at the execution precision a deployment gets by default
+    # (the f32-pinned OpenVINO rows are in the tables), so the colours stay distinguishable
+    seen, distinct = set(), []
+    for r in _distinct(records):
+        if r.get("nme_file") and (r["model"], r["bundle"]) not in seen:
+            seen.add((r["model"], r["bundle"]))
+            distinct.append(r)
     arrays = {r["id"]: load_arrays(rec_dir / r["nme_file"]) for r in distinct}
     for s, p in EVAL_SETS:
         key = f"{s}/{p}"
@@ -211,9 +219,13 @@ def render(out: str | Path, plots: bool = True) -> list[Path]:
     man, records = load_run(out)
     atomic_write_text(out / "results.md", markdown(man, records))
     written = [out / "results.md"]
-    if plots and records:
+    if not plots:
+        return written
+    if any(r["status"] == "ok" and r.get("latency") and r.get("accuracy") for r in records):
         plot_latency_vs_nme(records, out / "latency_vs_nme.png")
+        written.append(out / "latency_vs_nme.png")
+    if any(r.get("size_bytes") for r in records):
         plot_sizes(records, out / "sizes.png")
-        written += [out / "latency_vs_nme.png", out / "sizes.png"]
-        written += plot_ceds(records, out / "records", out)
+        written.append(out / "sizes.png")
+    written += plot_ceds(records, out / "records", out)
     return written

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click  # noqa: E402
 
-from benchmark.core import BenchConfig, run  # noqa: E402  (importing benchmark registers "torch")
+from benchmark.core import BenchConfig, PlanError, run  # noqa: E402  (registers "torch")
 from benchmark.targets import PRECISIONS, SpecError  # noqa: E402
 from runtime.bundle import BundleError  # noqa: E402
 from runtime.engines import ENGINES  # noqa: E402
@@ -67,6 +67,8 @@ def _csv(choices=None, cast=str):
 @click.option("--warmup", default=D.warmup, help="untimed runs before timing")
 @click.option("--runs", default=D.runs, help="timed batch-1 runs per row")
 @click.option("--batch", default=D.batch, help="throughput batch size")
+@click.option("--max-seconds", default=D.max_seconds,
+              help="time cap per timing loop; a slower row keeps the runs done so far (>= 10)")
 @click.option("--external", "externals", multiple=True, type=click.Path(dir_okay=False),
               help="an external landmark model to score too (repeatable; pair with --external-spec)")
 @click.option("--external-spec", "external_specs", multiple=True, type=click.Path(dir_okay=False),
@@ -95,7 +97,7 @@ def main(externals, external_specs, report_only, plots, **kw):
         return
     try:
         records = run(cfg, echo=click.echo)
-    except (DataError, SpecError, BundleError, ValueError) as e:
+    except (DataError, SpecError, BundleError, PlanError) as e:
         raise click.ClickException(str(e)) from None
     bad = [r for r in records if r["status"] == "error"]
     if bad:

@@ -137,8 +137,15 @@ class Backend:
         self.work = Path(work)
         self.work.mkdir(parents=True, exist_ok=True)
         self._cache: dict = {}
+        self._layers: list[Layer] = []
 
-    def layers(self) -> list[Layer]:  # pragma: no cover - abstract
+    def layers(self, int8_dir: Path) -> list[Layer]:
+        """The ops the quantizer actually quantized in the full INT8 model written to `int8_dir`
+        (those reading a quantized tensor), in graph order: the drift search's candidates."""
+        self._layers = self._layers_of(Path(int8_dir))
+        return self._layers
+
+    def _layers_of(self, int8_dir: Path) -> list[Layer]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def quantize(self, calib: np.ndarray, opts: Options, out: Path, exclude=(), only=None) -> dict:
@@ -166,8 +173,6 @@ class OnnxRuntimeQuantizer(Backend):
     methods = {"minmax": "CalibrationMethod.MinMax (min/max over all calibration faces)",
                "percentile": "CalibrationMethod.Percentile (99.999th percentile of |x|)",
                "entropy": "CalibrationMethod.Entropy (KL-divergence threshold)"}
-    LAYER_OPS = ("Conv", "Gemm", "MatMul")
-
     def _prepared(self) -> Path:
         """quant_pre_process once: shape inference + ORT graph optimisation before QDQ."""
         pre = self.work / "pre.onnx"
@@ -176,18 +181,19 @@ class OnnxRuntimeQuantizer(Backend):
             quant_pre_process(str(self.src), str(pre))
         return pre
 
-    def layers(self):
+    def _layers_of(self, int8_dir):
         import onnx
-        m = onnx.load(str(self._prepared()), load_external_data=False)
-        out = []
-        for n in m.graph.node:
-            if n.op_type in self.LAYER_OPS:
-                # torch.onnx (dynamo) records the module path: ['', 'stem', 'stem.0', 'stem.0.1', op]
-                scope = {p.key: p.value for p in n.metadata_props}.get("pkg.torch.onnx.name_scopes", "")
-                parts = [s.strip(" '\"") for s in scope.strip("[]").split(",")] if scope else []
-                label = parts[-2] if len(parts) >= 2 else ""
-                out.append(Layer(n.name, n.op_type, label))
-        return out
+        labels = {}
+        for n in onnx.load(str(self._prepared()), load_external_data=False).graph.node:
+            # torch.onnx (dynamo) records the module path: ['', 'stem', 'stem.0', 'stem.0.1', op]
+            scope = {p.key: p.value for p in n.metadata_props}.get("pkg.torch.onnx.name_scopes", "")
+            parts = [s.strip(" '\"") for s in scope.strip("[]").split(",")] if scope else []
+            labels[n.name] = parts[-2] if len(parts) >= 2 else ""
+        q = onnx.load(str(int8_dir / self.primary), load_external_data=False)
+        dq = {n.output[0] for n in q.graph.node if n.op_type == "DequantizeLinear"}
+        return [Layer(n.name, n.op_type, labels.get(n.name, "")) for n in q.graph.node
+                if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and n.name in labels
+                and any(i in dq for i in n.input)]
 
     def _quantize(self, calib, opts, out, exclude, only):
         import onnx
@@ -245,15 +251,23 @@ class NNCFQuantizer(Backend):
     methods = {"minmax": "RangeEstimatorParametersSet.MINMAX (min of mins, max of maxes)",
                "percentile": "RangeEstimatorParametersSet.MEAN_QUANTILE (mean of per-face "
                              "1e-4 / 1-1e-4 quantiles)"}
-    LAYER_OPS = ("Convolution", "GroupConvolution", "MatMul")
-
     def _model(self):
         import openvino as ov
         return ov.Core().read_model(str(self.src))
 
-    def layers(self):
-        return [Layer(op.get_friendly_name(), op.get_type_name())
-                for op in self._model().get_ordered_ops() if op.get_type_name() in self.LAYER_OPS]
+    def _layers_of(self, int8_dir):
+        import openvino as ov
+        fp32 = {op.get_friendly_name() for op in self._model().get_ops()}
+        q = ov.Core().read_model(str(int8_dir / self.primary))
+        out = []
+        for op in q.get_ordered_ops():
+            srcs = [i.get_source_output().get_node() for i in op.inputs()]
+            # activations pass through FakeQuantize; int8 weights through Convert -> Multiply
+            quantized = any(n.get_type_name() == "FakeQuantize" or "/fq_weights" in
+                            n.get_friendly_name() for n in srcs)
+            if quantized and op.get_type_name() != "FakeQuantize" and op.get_friendly_name() in fp32:
+                out.append(Layer(op.get_friendly_name(), op.get_type_name()))
+        return out
 
     def _quantize(self, calib, opts, out, exclude, only):
         import nncf
@@ -264,10 +278,11 @@ class NNCFQuantizer(Backend):
         nncf.set_log_level(logging.WARNING)   # its INFO lines list every skipped quantizer
         model = self._model()
         if only is not None:
-            # everything else float: the other layers by name, every other op type by type
+            # everything else float: the other candidates by name, every other op type by type
             keep = set(only)
-            names = [ly.name for ly in self.layers() if ly.name not in keep]
-            types = sorted({op.get_type_name() for op in model.get_ops()} - set(self.LAYER_OPS))
+            names = [ly.name for ly in self._layers if ly.name not in keep]
+            kinds = {ly.kind for ly in self._layers}
+            types = sorted({op.get_type_name() for op in model.get_ops()} - kinds)
             scope = nncf.IgnoredScope(names=names, types=types, validate=False)
         else:
             scope = nncf.IgnoredScope(names=list(exclude)) if exclude else None
@@ -312,21 +327,23 @@ class LiteRTQuantizer(Backend):
     eval_batch = 1        # converted graphs have a static batch of 1 (XNNPACK cannot resize them)
     parents = ("tflite_fp32",)
     modules = (("ai_edge_quantizer", "ai-edge-quantizer"), ("ai_edge_litert", "ai-edge-litert"))
-    methods = {"minmax": "MIN_MAX_UNIFORM_QUANT (ai-edge-quantizer's min/max, moving-average "
-                         "update over calibration faces, factor 0.95)"}
-    LAYER_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
-
+    methods = {"minmax": "MIN_MAX_UNIFORM_QUANT with qsv_utils.min_max_update (min/max over all "
+                         "calibration faces)"}
     def _interp(self):
         from ai_edge_litert.interpreter import Interpreter
         return Interpreter(model_path=str(self.src))
 
-    def layers(self):
-        it = self._interp()
-        names = {t["index"]: t["name"] for t in it.get_tensor_details()}
+    def _layers_of(self, int8_dir):
+        from ai_edge_litert.interpreter import Interpreter
+        it = Interpreter(model_path=str(int8_dir / self.primary))
+        tensors = {t["index"]: t for t in it.get_tensor_details()}
         out = []
         for op in it._get_ops_details():  # noqa: SLF001 - the only way to list ops
-            if op["op_name"] in self.LAYER_OPS:
-                tensor = ";".join(names[i] for i in op["outputs"] if i >= 0)
+            if op["op_name"] in ("QUANTIZE", "DEQUANTIZE", "DELEGATE"):
+                continue
+            if any(i >= 0 and tensors[i]["dtype"] == np.int8 for i in op["inputs"]):
+                # ai-edge-quantizer's op scope: the output tensor names (kept from the FP32 model)
+                tensor = ";".join(tensors[i]["name"] for i in op["outputs"] if i >= 0)
                 out.append(Layer(tensor, op["op_name"], _tflite_label(tensor)))
         return out
 
@@ -350,7 +367,10 @@ class LiteRTQuantizer(Backend):
             return [entry(exact(n)) for n in only]
         return [entry(".*")] + [entry(exact(n), "no_quantize") for n in exclude]
 
-    def _calibration(self, q, calib, opts):
+    def _calibration(self, calib, opts):
+        """Per-tensor min/max over all calibration faces (computed once per batch)."""
+        from ai_edge_quantizer import calibrator, recipe_manager
+        from ai_edge_quantizer.utils import qsv_utils
         key = (opts.method, opts.preset, opts.per_channel, _digest(calib))
         if key not in self._cache:
             it = self._interp()
@@ -364,16 +384,21 @@ class LiteRTQuantizer(Backend):
             nhwc = shape[-1] == 3 and shape[1] != 3
             x = calib.transpose(0, 2, 3, 1) if nhwc else calib
             data = {sig_key: [{inp: np.ascontiguousarray(x[i:i + 1])} for i in range(len(x))]}
-            self._cache[key] = q.calibrate(data, num_threads=1)
+            rm = recipe_manager.RecipeManager()
+            rm.load_quantization_recipe(self._recipe(opts))
+            # true min/max like the other backends; Quantizer.calibrate would use a moving
+            # average (factor 0.95), whose narrower ranges clip the outermost activations
+            cal = calibrator.Calibrator(str(self.src), num_threads=1,
+                                        qsv_update_func=qsv_utils.min_max_update)
+            cal.calibrate(data, rm)
+            self._cache[key] = cal.get_model_qsvs()
         return self._cache[key]
 
     def _quantize(self, calib, opts, out, exclude, only):
         from ai_edge_quantizer import quantizer as aeq
-        # calibrate with the full recipe once; QSVs are per tensor, so they serve every
+        # calibrated with the full recipe once; QSVs are per tensor, so they serve every
         # exclude/only variant of the search
-        full = aeq.Quantizer(str(self.src))
-        full.load_quantization_recipe(self._recipe(opts))
-        qsv = self._calibration(full, calib, opts)
+        qsv = self._calibration(calib, opts)
         q = aeq.Quantizer(str(self.src))
         q.load_quantization_recipe(self._recipe(opts, exclude, only))
         res = q.quantize(qsv, enable_progress_bar=False, enable_progress_report=False)

@@ -13,10 +13,10 @@ For each backend of quantize.backends.BACKENDS:
    and the "rect" protocol (official face rectangles: what a detector gives).
 3. Quantize every layer; score the FP32 and the INT8 model through the runtime engines with
    train.metrics.evaluate on the headline set: the ~343 WFLW evaluation faces, "rect" protocol.
-4. If |drift| > budget: rank the layers by sensitivity (each layer quantized alone, everything
-   else float, on the first `rank_faces` calibration faces; sensitivity = NME of its points
-   against the FP32 model's points) and keep the k most sensitive in float, k = 1, 2, ... up
-   to `max_float_layers`, until the budget holds. If it never holds the backend fails: no
+4. If |drift| > budget: rank the ops the quantizer quantized by sensitivity (each quantized
+   alone, everything else float, scored on the calibration faces, which have ground truth:
+   its NME drift, in the direction of the full model's drift) and keep the k most sensitive
+   in float, k = 1, 2, ... up to `max_float_layers`, until the budget holds. If it never holds the backend fails: no
    bundle is written (it is assembled in runtime.bundle.staging_dir) and run() reports it.
 5. Write the INT8 bundle (meta.json: calibration set, method, settings, layers kept in float,
    drift figures) and score it again as shipped: WFLW evaluation faces with both crop
@@ -70,7 +70,7 @@ class Settings:
     calib_samples: int | None = None     # None: every calibration face (~162)
     budget: float = 0.10                 # NME points
     max_float_layers: int = 6            # how many layers the search may keep in float
-    rank_faces: int = 48                 # calibration faces used by the sensitivity ranking
+    rank_faces: int | None = None        # calibration faces scoring the ranking (None: all)
     latency_runs: int = 200
     warmup: int = 20
     threads: int = 1
@@ -221,24 +221,30 @@ def _bytes(meta: dict) -> int:
 
 
 # -- sensitivity search ---------------------------------------------------------------------------
-def rank_layers(backend: Backend, make_engine, x: np.ndarray, opts: Options, eye, work: Path,
-                batch: int, log: Log) -> list[dict]:
-    """Each layer quantized alone; sensitivity = NME of its points against the FP32 points."""
-    ref = _outputs(make_engine(backend.src), x, batch)
-    n = len(x)
+def rank_layers(backend: Backend, layers: list[Layer], make_engine, x: np.ndarray, opts: Options,
+                rank_set: EvalSet, meta: dict, sign: float, work: Path, log: Log) -> list[dict]:
+    """Quantize each candidate alone (everything else float) and score it on `rank_set`
+    (calibration faces with ground truth, never the evaluation faces).
+
+    drift_points: its NME change against the FP32 model; shift_points: NME of its points
+    against the FP32 model's points. Sorted by drift in the direction of the full model's drift
+    (`sign`), so the layers that push NME the way the budget is exceeded come first.
+    """
+    fp32 = score(make_engine(backend.src), meta, rank_set, backend.eval_batch)
     ranking = []
-    layers = backend.layers()
+    eye = get_scheme(meta["scheme"]).eye_corners
     for i, ly in enumerate(layers, 1):
         d = work / f"rank_{i}"
         info = backend.quantize(x, opts, d, only=[ly.name])
-        out = _outputs(make_engine(d / info["files"][0]), x, batch)
-        shift = float(nme_per_face(out.reshape(n, -1, 2), ref.reshape(n, -1, 2), eye).mean())
+        res = score(make_engine(d / info["files"][0]), meta, rank_set, backend.eval_batch)
+        shift = nme_per_face(res["_points"], fp32["_points"], eye)
         ranking.append({"layer": ly.name, "kind": ly.kind, "label": ly.label,
-                        "sensitivity_points": shift * 100})
+                        "drift_points": (res["nme"] - fp32["nme"]) * 100,
+                        "shift_points": float(shift.mean()) * 100})
         shutil.rmtree(d, ignore_errors=True)
         if i % 10 == 0 or i == len(layers):
-            log(f"      ranked {i}/{len(layers)} layers")
-    ranking.sort(key=lambda r: -r["sensitivity_points"])
+            log(f"      ranked {i}/{len(layers)}")
+    ranking.sort(key=lambda r: (-sign * r["drift_points"], -r["shift_points"]))
     return ranking
 
 
@@ -252,8 +258,9 @@ class Candidate:
     seconds: float
 
 
-def fit_budget(backend: Backend, make_engine, calib_x, opts: Options, settings: Settings,
-               fp32_headline: dict, meta: dict, headline: EvalSet, work: Path, log: Log) -> dict:
+def fit_budget(backend: Backend, make_engine, calib_x, rank_set: EvalSet, opts: Options,
+               settings: Settings, fp32_headline: dict, meta: dict, headline: EvalSet,
+               work: Path, log: Log) -> dict:
     """Quantize everything, then keep the most sensitive layers float until the budget holds."""
     steps: list[dict] = []
 
@@ -274,11 +281,12 @@ def fit_budget(backend: Backend, make_engine, calib_x, opts: Options, settings: 
     out = {"steps": steps, "calibration_s": first.seconds, "ranking": None, "chosen": first}
     if within(first.drift_points, settings.budget) or settings.max_float_layers <= 0:
         return out
-    log(f"      over the {settings.budget:.2f}-point budget: ranking layers by sensitivity "
-        f"on {min(settings.rank_faces, len(calib_x))} calibration faces")
+    layers = backend.layers(first.folder)
+    log(f"      over the {settings.budget:.2f}-point budget: ranking {len(layers)} quantized ops "
+        f"by sensitivity on {len(rank_set.faces)} calibration faces")
     t = time.perf_counter()
-    ranking = rank_layers(backend, make_engine, calib_x[:settings.rank_faces], opts,
-                          get_scheme(meta["scheme"]).eye_corners, work, backend.eval_batch, log)
+    ranking = rank_layers(backend, layers, make_engine, calib_x, opts, rank_set, meta,
+                          np.sign(first.drift_points), work, log)
     out["ranking"] = ranking
     out["ranking_s"] = time.perf_counter() - t
     best = first
@@ -347,8 +355,11 @@ def quantize_backend(name: str, bundle_dir: Path, data: Data, settings: Settings
         fp32 = {s.key: score(fp32_engine, meta, s, cls.eval_batch) for s in data.sets}
         log(f"    quantize with {len(data.calib)} calibration faces ({opts.method}, "
             f"{'per-channel' if opts.per_channel else 'per-tensor'}, preset {opts.preset})")
-        search = fit_budget(backend, make_engine, calib_x, opts, settings, fp32[headline.key],
-                            meta, headline, work, log)
+        rank_n = settings.rank_faces or len(data.calib)
+        rank_set = EvalSet("calibration_rect", data.calib[:rank_n], "rect", "wflw98",
+                           "first calibration faces, official rect (sensitivity ranking only)")
+        search = fit_budget(backend, make_engine, calib_x, rank_set, opts, settings,
+                            fp32[headline.key], meta, headline, work, log)
         chosen: Candidate = search["chosen"]
         kept = [{"layer": k["layer"], "kind": k["kind"], "label": k["label"]} for k in chosen.kept]
         entry.update({

@@ -49,7 +49,7 @@ class CommandError(click.ClickException):
 @click.option("--max-float-layers", type=int, default=D.max_float_layers,
               help="most sensitive layers the search may keep in float to meet the budget")
 @click.option("--rank-faces", type=int, default=D.rank_faces,
-              help="calibration faces used to rank layer sensitivity")
+              help="calibration faces that score the layer-sensitivity ranking (default: all)")
 @click.option("--latency-runs", type=int, default=D.latency_runs,
               help="batch-1 runs per model for the latency ratio (after warm-up)")
 @click.option("--threads", type=int, default=D.threads, help="engine threads for latency")

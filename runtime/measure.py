@@ -2,18 +2,21 @@
 
     python runtime/measure.py make-video --out /tmp/faces.avi          # real faces, moving
     python runtime/measure.py video --model B1 --model B2 --video /tmp/faces.avi
-    python runtime/measure.py images --model B --ground-truth          # the 505 WFLW crops
+    python runtime/measure.py images --model B --ground-truth wflw     # the 505 WFLW crops
 
 `video`: per-frame milliseconds per stage (detect / crop / landmarks / pose, median and p90)
 and frames per second of Pipeline.process, with and without tracking, per bundle (engine).
 `images`: every image on its own (no tracking): median ms per image of detect + crop +
 landmarks (pose is reported apart) and the share of images in which a face is found; with
---ground-truth (development machine: reads WFLW annotations through train.data) also the share
-in which the *right* face is found and the NME of those faces, to compare --refine/--no-refine.
+--ground-truth wflw|helen (development machine: reads the annotations through train.data) also
+the share in which the *right* face is found (its points' centroid inside the annotated
+extent) and the NME of those faces, to compare --refine/--no-refine.
 
-Each run prints a markdown table and can write JSON records (--out). Times are wall clock;
-"cpu" columns are process CPU time, which stays close to an idle machine's wall time when
-other jobs share the cores. The first --warmup frames are not counted.
+Each run prints a markdown table and can write JSON records (--out). Stage times are wall
+clock, or process CPU time with --clock cpu, which stays close to an idle machine's wall time
+when other jobs share the cores (single-threaded work; an engine's idle spinning threads would
+add to it); the "cpu ms" columns are always process CPU time of the whole process() call. The
+first --warmup frames are not counted.
 """
 from __future__ import annotations
 
@@ -63,16 +66,21 @@ def _stats(v) -> dict:
             "mean": round(float(a.mean()), 3)}
 
 
-def make_pipeline(bundle, engine, threads, precision, detector, detector_model, haar, **kw):
+def make_pipeline(bundle, engine, threads, precision, detector, detector_model, haar,
+                  clock="wall", **kw):
     det = HaarDetector(**haar) if detector == "haar" else make_detector(detector, detector_model)
-    return Pipeline(bundle, engine=engine, threads=threads, precision=precision, detector=det, **kw)
+    pipe = Pipeline(bundle, engine=engine, threads=threads, precision=precision, detector=det, **kw)
+    if clock == "cpu":
+        pipe.clock = time.process_time
+    return pipe
 
 
 def _engine_label(pipe: Pipeline) -> str:
     e = pipe.engine
     prec = ""
-    if hasattr(e, "execution_precision"):
-        prec = f" ({e.execution_precision()})"
+    if hasattr(e, "execution_precision"):     # OpenVINO: what the device really runs
+        p = e.execution_precision()
+        prec = f" (executes {p.split(chr(39))[1] if chr(39) in p else p})"
     return f"{e.name} {pipe.meta['precision']}{prec}"
 
 
@@ -175,16 +183,18 @@ def time_images(pipe: Pipeline, images: list[np.ndarray], warmup: int = 5,
            "found_by_stage": stages}
     if truth is not None:
         rec.update({"right_face": right, "right_share": round(right / n, 4),
-                    "nme_found": round(float(np.mean(nme)), 5) if nme else None})
+                    "nme_found": round(float(np.mean(nme)), 5) if nme else None,
+                    "nme_found_median": round(float(np.median(nme)), 5) if nme else None})
     return rec
 
 
-def wflw_truth(model_scheme):
-    """(image paths, per image (gt points in the model's layout, eye corners)) of WFLW test."""
+def annotated_faces(dataset: str, model_scheme):
+    """(image paths, per image (points in the model's layout, eye corners)) of annotated faces:
+    "wflw" (the 505 test crops) or "helen" (the 330 300-W HELEN test crops)."""
     from runtime.schemes import get_scheme
-    from train.data import load_wflw      # development machine only
-    faces = load_wflw()
-    data = get_scheme("wflw98")
+    from train.data import load_300w, load_wflw      # development machine only
+    faces, data = (load_wflw(), get_scheme("wflw98")) if dataset == "wflw" else \
+        (load_300w(split="helen_test"), get_scheme("300w68"))
     out = []
     for f in faces:
         gt = np.asarray(f.points, np.float64)
@@ -218,6 +228,9 @@ def _common(f):
                      show_default=True)(f)
     f = click.option("--refine/--no-refine", default=True, show_default=True)(f)
     f = click.option("--warmup", type=int, default=5, show_default=True)(f)
+    f = click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall",
+                     show_default=True, help="Stage timer: wall clock, or process CPU time "
+                     "(close to an idle machine's wall time when other jobs share the cores).")(f)
     f = click.option("--out", type=click.Path(dir_okay=False), default=None,
                      help="Write the records as JSON.")(f)
     return f
@@ -259,7 +272,8 @@ def make_video_cmd(faces_dir, out, frames, per_face, seed):
 @click.option("--video", required=True, help="Video file (see make-video) or camera index.")
 @click.option("--max-frames", type=int, default=0, show_default=True)
 def video_cmd(bundles, engine, threads, precision, detector, detector_model, chain, min_face,
-              search_px, scale_factor, min_neighbors, refine, warmup, out, video, max_frames):
+              search_px, scale_factor, min_neighbors, refine, warmup, clock, out, video,
+              max_frames):
     """Per-frame stage split and fps, with and without tracking, per bundle."""
     cv2.setNumThreads(threads)
     frames = read_frames(video, max_frames)
@@ -270,11 +284,11 @@ def video_cmd(bundles, engine, threads, precision, detector, detector_model, cha
     for i, b in enumerate(bundles, 1):
         for track in (True, False):
             pipe = make_pipeline(b, engine, threads, precision, detector, detector_model, haar,
-                                 track=track, refine=refine)
+                                 clock, track=track, refine=refine)
             click.echo(f"[{i}/{len(bundles)}] {b} track={track} ...", err=True)
             rec = time_video(pipe, frames, warmup)
             rec.update({"bundle": str(b), "engine": _engine_label(pipe), "track": track,
-                        "refine": refine, "threads": threads, "detector": detector,
+                        "refine": refine, "threads": threads, "clock": clock, "detector": detector,
                         "haar": haar if detector == "haar" else None, "video": str(video)})
             records.append(rec)
     click.echo("\n| engine | tracking | detect | crop | landmarks | pose | total ms | fps | "
@@ -295,11 +309,12 @@ def video_cmd(bundles, engine, threads, precision, detector, detector_model, cha
 @_common
 @click.option("--images", "images_dir", type=click.Path(file_okay=False), default=None,
               help="Folder of images (default: the WFLW crops in ../shared/wflw).")
-@click.option("--ground-truth/--no-ground-truth", default=False, show_default=True,
-              help="Score found faces against the WFLW annotations (development machine).")
+@click.option("--ground-truth", type=click.Choice(["none", "wflw", "helen"]), default="none",
+              show_default=True, help="Use these annotated faces (instead of --images) and "
+              "score the found ones (development machine: reads them through train.data).")
 @click.option("--no-pose", is_flag=True, help="Skip head pose.")
 def images_cmd(bundles, engine, threads, precision, detector, detector_model, chain, min_face,
-               search_px, scale_factor, min_neighbors, refine, warmup, out, images_dir,
+               search_px, scale_factor, min_neighbors, refine, warmup, clock, out, images_dir,
                ground_truth, no_pose):
     """Median ms per image (detect + crop + landmarks) and the share of images with a face."""
     cv2.setNumThreads(threads)
@@ -307,10 +322,10 @@ def images_cmd(bundles, engine, threads, precision, detector, detector_model, ch
     records = []
     for i, b in enumerate(bundles, 1):
         pipe = make_pipeline(b, engine, threads, precision, detector, detector_model, haar,
-                             track=False, refine=refine, pose=not no_pose)
+                             clock, track=False, refine=refine, pose=not no_pose)
         truth = None
-        if ground_truth:
-            paths, truth = wflw_truth(pipe.scheme)
+        if ground_truth != "none":
+            paths, truth = annotated_faces(ground_truth, pipe.scheme)
         else:
             root = Path(images_dir) if images_dir else SHARED / "wflw" / "WFLW_images"
             paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".jpg", ".png"))
@@ -320,15 +335,16 @@ def images_cmd(bundles, engine, threads, precision, detector, detector_model, ch
         click.echo(f"[{i}/{len(bundles)}] {b}: {len(images)} images ...", err=True)
         rec = time_images(pipe, images, warmup, truth)
         rec.update({"bundle": str(b), "engine": _engine_label(pipe), "refine": refine,
-                    "threads": threads, "detector": detector,
+                    "threads": threads, "clock": clock, "detector": detector,
                     "haar": haar if detector == "haar" else None})
         records.append(rec)
-    click.echo("\n| engine | refine | images | face found | right face | NME (found) | "
+    click.echo("\n| engine | refine | images | face found | right face | NME mean / median | "
                "ms/image median | p90 | detect | landmarks | cpu ms median |")
     click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
         right = f"{r['right_face']} ({r['right_share']:.1%})" if "right_face" in r else "-"
-        nme = f"{r['nme_found']:.4f}" if r.get("nme_found") is not None else "-"
+        nme = f"{r['nme_found']:.4f} / {r['nme_found_median']:.4f}" \
+            if r.get("nme_found") is not None else "-"
         click.echo(f"| {r['engine']} | {r['refine']} | {r['images']} | {r['found']} "
                    f"({r['found_share']:.1%}) | {right} | {nme} | "
                    f"{_fmt(r['ms_per_image']['median'])} | {_fmt(r['ms_per_image']['p90'])} | "

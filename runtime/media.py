@@ -52,10 +52,17 @@ def read_image(path: str | Path) -> tuple[np.ndarray, str]:
     return (img if color is None else color), note
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".dib", ".webp", ".tif", ".tiff",
+                  ".pgm", ".ppm", ".pbm", ".pnm", ".pxm", ".jp2", ".exr", ".hdr", ".pic", ".sr",
+                  ".ras", ".avif"}
+
+
 def is_image(path: str | Path) -> bool:
-    p = str(path)
+    """Image by file name, else by content (OpenCV knows the header); else a video."""
+    if Path(path).suffix.lower() in IMAGE_SUFFIXES:
+        return True
     try:
-        return bool(cv2.haveImageReader(p))
+        return bool(cv2.haveImageReader(str(path)))
     except cv2.error:
         return False
 

@@ -23,6 +23,10 @@ if __package__ in (None, ""):
     # `python runtime/run.py` from anywhere: import this folder as the package `runtime`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# FFmpeg's own log lines would repeat what the error message says; the user can still ask
+# for them with OPENCV_FFMPEG_LOGLEVEL.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+
 import click  # noqa: E402
 import cv2  # noqa: E402
 
@@ -30,7 +34,7 @@ from runtime.bundle import BundleError  # noqa: E402
 from runtime.detector import DETECTORS, DetectorError  # noqa: E402
 from runtime.engines import ENGINES, EngineUnavailable  # noqa: E402
 from runtime.media import (InputError, draw_faces, is_image, open_video, read_image,  # noqa: E402
-                           video_writer, write_image)
+                           to_bgr, video_writer, write_image)
 from runtime.pipeline import Pipeline  # noqa: E402
 
 
@@ -74,7 +78,6 @@ def run_video(pipe: Pipeline, spec: str, draw: str | None, max_frames: int) -> N
             if not ok:
                 break
             if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != "uint8":
-                from runtime.media import to_bgr
                 frame, conv = to_bgr(frame)
                 if conv and not told:
                     note(f"{what}: {conv}")
@@ -92,7 +95,7 @@ def run_video(pipe: Pipeline, spec: str, draw: str | None, max_frames: int) -> N
         if writer is not None:
             writer.release()
     if n == 0:
-        raise InputError(f"{what}: no frame could be read")
+        raise InputError(f"{what}: no frame could be decoded (not a video, or an empty one)")
     if empty:
         note(f"{what}: no face found in {empty} of {n} frames")
     note(f"{what}: {n} frames, detector ran on {pipe.detector_runs}")
@@ -128,32 +131,35 @@ def main(bundle, source, engine, threads, device, detector, detector_model, trac
     """Facial landmarks and head pose as JSON lines (one per frame) on stdout."""
     cv2.setNumThreads(threads)
     try:
+        image = not source.isdigit() and is_image(source)
         try:
+            # a single image has no previous frame: tracking does not apply
             pipe = Pipeline(bundle, engine=engine, threads=threads, device=device,
-                            detector=detector, detector_model=detector_model, track=track,
-                            pose=pose, refine=refine, max_faces=max_faces)
-        except (BundleError, DetectorError, EngineUnavailable):
+                            detector=detector, detector_model=detector_model,
+                            track=track and not image, pose=pose, refine=refine,
+                            max_faces=max_faces)
+        except (BundleError, DetectorError, EngineUnavailable, ValueError, KeyError):
             raise
         except Exception as e:  # noqa: BLE001 - engines raise their own types for a bad model
             raise BundleError(f"cannot load the model of bundle {bundle}: "
                               f"{type(e).__name__}: {e}") from None
         if not getattr(pipe.detector, "calibrated", True):
-            note(f"{detector} detector boxes are not calibrated for this model (see "
-                 "runtime/calibrate_detector.py); using an estimate")
-        if not source.isdigit() and is_image(source):
+            note(f"the {detector} detector's box calibration was not measured (see "
+                 "runtime/calibrate_detector.py); crops use an estimate")
+        if image:
             run_image(pipe, source, draw)
         else:
             run_video(pipe, source, draw, max_frames)
+    except BrokenPipeError:      # e.g. `| head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     except (BundleError, InputError, DetectorError, EngineUnavailable, ValueError, KeyError,
-            FileNotFoundError) as e:
+            OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         click.echo(f"error: {msg}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
-    except BrokenPipeError:      # e.g. `| head`: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(0)
 
 
 if __name__ == "__main__":

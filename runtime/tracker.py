@@ -10,10 +10,16 @@ The rules, in one place:
     * the centre of its points leaves the frame,
     * its points collapse or explode: extent side below `min_side` px, or a change of side by
       more than `max_scale_step` between two frames (a real face does not do that in 1/30 s),
-    * a periodic check (the detector runs every `check_every` frames, default 30, i.e. once a
+    * a periodic check (the detector runs every `check_every` frames, default 15, i.e. twice a
       second at 30 fps) finds no detection overlapping it `max_unconfirmed` times in a row
       (default 2: Haar misses strong profiles that the tracker follows well, so one missed
-      check is not enough to drop a face).
+      check is not enough to drop a face). This is the only rule that notices a face that
+      stays in view but is replaced by something else (turned away, covered): the points
+      keep a plausible shape, so such a track lives at most check_every x max_unconfirmed
+      frames (1 s at 30 fps). A check also corrects drift: when the detection overlaps the
+      track (IoU >= match_iou) but not closely (IoU < reseed_iou), the track restarts from the
+      detector's box, so a model that slowly shrinks or lags the face cannot pull the crop
+      away for longer than check_every frames.
 - The detector also runs whenever there is no track. Detections that overlap no track start
   new tracks (largest first, up to max_faces), so a face entering the view is picked up at the
   next periodic check.
@@ -75,11 +81,12 @@ class Track:
 @dataclass
 class TrackerConfig:
     max_faces: int = 1
-    check_every: int = 30         # frames between periodic detector checks (0: never)
+    check_every: int = 15         # frames between periodic detector checks (0: never)
     max_unconfirmed: int = 2      # failed checks in a row before a track is dropped
     min_side: float = 12.0        # px: smaller point extents mean the points collapsed
     max_scale_step: float = 1.5   # max change of extent side between consecutive frames
     match_iou: float = 0.3        # detection <-> track overlap that confirms a track
+    reseed_iou: float = 0.5       # ... below this the track restarts from the detection box
     min_cutoff: float = 1.0       # One Euro: Hz, smoothing of a still face
     beta: float = 4.0             # One Euro: cutoff increase per face side / second of speed
     smooth: bool = True
@@ -113,9 +120,13 @@ class Tracker:
         kept = []
         for t in self.tracks:
             best = max(free, key=lambda d: iou(t.box, d.box), default=None)
-            if best is not None and iou(t.box, best.box) >= self.cfg.match_iou:
+            overlap = iou(t.box, best.box) if best is not None else 0.0
+            if overlap >= self.cfg.match_iou:
                 free.remove(best)
                 t.unconfirmed = 0
+                if overlap < self.cfg.reseed_iou:     # drifted: restart from the detection
+                    t.box, t.fresh, t.stage, t.side = best.box, True, best.stage, None
+                    t.filter = OneEuroFilter(self.cfg.min_cutoff, self.cfg.beta)
             else:
                 t.unconfirmed += 1
                 if t.unconfirmed >= self.cfg.max_unconfirmed:

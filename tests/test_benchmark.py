@@ -223,6 +223,17 @@ def test_unavailable_engine_device_and_failing_engine_do_not_stop_the_run(
     assert "simulated driver crash" in md and "fake-npu-sdk" in md
 
 
+def test_nothing_to_run_still_reports_every_row(tmp_path):
+    import benchmark  # noqa: F401
+    from benchmark.core import BenchConfig, run
+    out = tmp_path / "out"
+    records = run(BenchConfig(bundles=str(tmp_path / "no_bundles"), checkpoint=str(tmp_path / "no.pt"),
+                              out=str(out), **QUICK), echo=lambda s: None)
+    assert records and all(r["status"] == "skipped" and r["reason"] for r in records)
+    assert {r["backend"] for r in records} >= {n for n, c in ENGINES.items() if c.available()[0]}
+    assert "Skipped and failed rows" in (out / "results.md").read_text()
+
+
 # -- external models --------------------------------------------------------------------------------
 class _Foreign:
     """Our tiny model dressed as someone else's: NHWC input, pixel outputs, all x then all y."""
@@ -366,6 +377,17 @@ def test_committed_gates_file_is_valid():
     assert g["model"] == "pfld68_w05" and g["bundles"]
     for pair in g.get("speed_ratio_max", []):
         assert pair["int8"] in g["bundles"] and pair["fp32"] in g["bundles"]
+
+
+def test_timing_loop_is_capped_by_time_but_keeps_a_minimum():
+    import time
+
+    from benchmark.measure import MIN_RUNS, time_calls
+    t = time_calls(lambda _: time.sleep(0.01), None, warmup=1, runs=1000, max_s=0.05)
+    assert t["capped_by_time"] and MIN_RUNS <= t["runs"] < 1000 and t["runs_requested"] == 1000
+    assert 10 <= t["median_ms"] <= t["p90_ms"]
+    t = time_calls(lambda _: None, None, warmup=0, runs=7, max_s=10)
+    assert t["runs"] == 7 and not t["capped_by_time"]
 
 
 # -- CLI ----------------------------------------------------------------------------------------------

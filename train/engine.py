@@ -71,6 +71,12 @@ def split_holdout(faces: list[D.Face], fraction: float) -> tuple[list[D.Face], l
             [f for f, k in zip(faces, key) if k < fraction])
 
 
+def steps_per_rank(n_faces: int, world: int, batch: int) -> int:
+    """Optimizer steps per epoch; a last batch of one face is dropped (BatchNorm needs two)."""
+    per_rank = n_faces // world
+    return per_rank // batch + (1 if per_rank % batch > 1 else 0)
+
+
 def _parse_set(spec: str):
     ds, _, split = spec.partition(":")
     if ds not in SCHEME_OF or not split:
@@ -154,7 +160,7 @@ def train(cfg: TrainConfig) -> dict:
         f.image()
 
     model = PFLD(scheme.num_points, cfg.width).to(memory_format=torch.channels_last)
-    steps_per_epoch = math.ceil(len(train_faces) / (cfg.batch_size * world))
+    steps_per_epoch = steps_per_rank(len(train_faces), world, cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warm = min(steps_per_epoch, max(1, total // 10))
@@ -188,8 +194,8 @@ def train(cfg: TrainConfig) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_faces))
-        order = order[rank::world]
-        n_steps = math.ceil(len(order) / cfg.batch_size)
+        order = order[:len(order) // world * world][rank::world]   # equal steps on every rank
+        n_steps = steps_per_rank(len(train_faces), world, cfg.batch_size)
         bar = tqdm(range(n_steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
                    disable=not cfg.progress or rank != 0, mininterval=1 if sys.stderr.isatty() else 30)
         sums = np.zeros(2)
