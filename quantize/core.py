@@ -69,7 +69,7 @@ class Settings:
     preset: str = "x86"
     calib_samples: int | None = None     # None: every calibration face (~162)
     budget: float = 0.10                 # NME points
-    max_float_layers: int = 6            # how many layers the search may keep in float
+    max_float_layers: int = 8            # how many layers the search may keep in float
     rank_faces: int | None = None        # calibration faces scoring the ranking (None: all)
     latency_runs: int = 200
     warmup: int = 20

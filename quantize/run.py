@@ -57,7 +57,7 @@ class CommandError(click.ClickException):
 @click.option("--w300", "w300_root", default=None, help="300-W root (default ../shared/300w)")
 def main(bundle_dir, backends, calib_samples, method, per_channel, preset, budget,
          max_float_layers, rank_faces, latency_runs, threads, wflw_root, w300_root):
-    """Turn the FP32 bundles in BUNDLE_DIR into INT8 bundles (onnx_int8, openvino_int8,
+    """Turn the FP32 bundles in --bundle-dir into INT8 bundles (onnx_int8, openvino_int8,
     tflite_int8) calibrated on real WFLW faces, and write quantize_report.json."""
     names = list(BACKENDS) if "all" in backends else list(dict.fromkeys(backends))
     settings = Settings(method=method, per_channel=per_channel, preset=preset,

@@ -97,12 +97,12 @@ def write_haar(table: dict[str, dict], command: str) -> None:
              f"    # {command}"]
     for name, r in table.items():
         if r["n"] == 0:
-            lines.append(f'    "{name}": BoxCalibration(1.0, 0.0, 0.0, measured=False),  '
-                         f'# no detection in {r["faces"]} faces')
+            lines += [f'    # no detection in {r["faces"]} faces',
+                      f'    "{name}": BoxCalibration(1.0, 0.0, 0.0, measured=False),']
         else:
-            lines.append(f'    "{name}": BoxCalibration({r["scale"]}, {r["dx"]}, {r["dy"]}),  '
-                         f'# n={r["n"]}/{r["faces"]}, IQR {r["iqr"][0]:.3f} '
-                         f'{r["iqr"][1]:.3f} {r["iqr"][2]:.3f}')
+            lines += [f'    # n={r["n"]}/{r["faces"]}, IQR of scale, dx, dy: {r["iqr"][0]:.3f} '
+                      f'{r["iqr"][1]:.3f} {r["iqr"][2]:.3f}',
+                      f'    "{name}": BoxCalibration({r["scale"]}, {r["dx"]}, {r["dy"]}),']
     lines.append("    # @calibration-end")
     new, n = re.subn(r"    # @calibration-start.*?# @calibration-end", "\n".join(lines), src,
                      flags=re.S)

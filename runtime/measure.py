@@ -3,6 +3,7 @@
     python runtime/measure.py make-video --out /tmp/faces.avi          # real faces, moving
     python runtime/measure.py video --model B1 --model B2 --video /tmp/faces.avi
     python runtime/measure.py images --model B --ground-truth wflw     # the 505 WFLW crops
+    python runtime/measure.py smoothing --model B                      # tracker's One Euro filter
 
 `video`: per-frame milliseconds per stage (detect / crop / landmarks / pose, median and p90)
 and frames per second of Pipeline.process, with and without tracking, per bundle (engine).
@@ -20,7 +21,6 @@ first --warmup frames are not counted.
 """
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
@@ -35,7 +35,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from runtime.bundle import atomic_write_json  # noqa: E402
-from runtime.detector import DEFAULT_HAAR_CHAIN, HAAR_DEFAULTS, HaarDetector, make_detector  # noqa: E402
+from runtime.detector import (DEFAULT_HAAR_CHAIN, HAAR_DEFAULTS, HaarDetector,  # noqa: E402
+                              make_detector)
 from runtime.engines import ENGINES  # noqa: E402
 from runtime.media import open_video, read_image  # noqa: E402
 from runtime.pipeline import STAGES, Pipeline  # noqa: E402
@@ -170,7 +171,8 @@ def time_images(pipe: Pipeline, images: list[np.ndarray], warmup: int = 5,
         if truth is not None:
             gt, eyes = truth[i]
             lo, hi = gt.min(0), gt.max(0)
-            ok = [f for f in faces if np.all((lo <= f["points"].mean(0)) & (f["points"].mean(0) <= hi))]
+            ok = [f for f in faces
+                  if np.all((lo <= f["points"].mean(0)) & (f["points"].mean(0) <= hi))]
             if ok:
                 right += 1
                 d = np.linalg.norm(gt[eyes[0]] - gt[eyes[1]])
@@ -212,7 +214,8 @@ def _common(f):
                      help="Override the bundle's engine.")(f)
     f = click.option("--threads", type=click.IntRange(1), default=1, show_default=True)(f)
     f = click.option("--precision", default=None, help="Engine precision hint (OpenVINO "
-                     "'f32' pins full precision; default: the device default, bf16 on some CPUs).")(f)
+                     "'f32' pins full precision; default: the device's own, bf16 on some "
+                     "CPUs).")(f)
     f = click.option("--detector", type=click.Choice(["haar", "yunet"]), default="haar",
                      show_default=True)(f)
     f = click.option("--detector-model", type=click.Path(dir_okay=False), default=None)(f)
@@ -226,7 +229,7 @@ def _common(f):
                      show_default=True)(f)
     f = click.option("--min-neighbors", type=int, default=HAAR_DEFAULTS["min_neighbors"],
                      show_default=True)(f)
-    f = click.option("--refine/--no-refine", default=True, show_default=True)(f)
+    f = click.option("--refine/--no-refine", default=False, show_default=True)(f)
     f = click.option("--warmup", type=int, default=5, show_default=True)(f)
     f = click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall",
                      show_default=True, help="Stage timer: wall clock, or process CPU time "
@@ -264,7 +267,8 @@ def make_video_cmd(faces_dir, out, frames, per_face, seed):
     if not images:
         raise click.ClickException(f"no .jpg/.png images under {faces_dir}")
     make_video(images, Path(out), frames, per_face=per_face, seed=seed)
-    click.echo(f"wrote {out}: {frames} frames from {min(len(images), -(-frames // per_face))} faces")
+    used = min(len(images), -(-frames // per_face))
+    click.echo(f"wrote {out}: {frames} frames from {used} faces")
 
 
 @cli.command("video")
@@ -348,9 +352,68 @@ def images_cmd(bundles, engine, threads, precision, detector, detector_model, ch
         click.echo(f"| {r['engine']} | {r['refine']} | {r['images']} | {r['found']} "
                    f"({r['found_share']:.1%}) | {right} | {nme} | "
                    f"{_fmt(r['ms_per_image']['median'])} | {_fmt(r['ms_per_image']['p90'])} | "
-                   f"{_fmt(r['ms']['detect']['median'])} | {_fmt(r['ms']['landmarks']['median'])} | "
+                   f"{_fmt(r['ms']['detect']['median'])} | "
+                   f"{_fmt(r['ms']['landmarks']['median'])} | "
                    f"{_fmt(r['cpu_ms']['median'])} |")
     _write(out, records)
+
+
+def still_then_moving(face, n: int = 120, size: int = 400, noise: float = 4.0):
+    """A real face held still for n/2 frames (with sensor noise), then swinging sideways
+    (60 px, period 2 s at 30 fps): (frames, ground-truth points per frame)."""
+    img = face.image()
+    frames, truth = [], []
+    s = 220 / img.shape[1]
+    for i in range(n):
+        dx = 60 * np.sin(2 * np.pi * (i - n // 2) / 60) if i >= n // 2 else 0.0
+        m = np.array([[s, 0, 90 + dx], [0, s, 90]])
+        f = cv2.warpAffine(img, m, (size, size), borderValue=(90, 90, 90)).astype(np.float64)
+        f += np.random.default_rng(i).normal(0, noise, f.shape)
+        frames.append(np.clip(f, 0, 255).astype(np.uint8))
+        truth.append(np.asarray(face.points, np.float64) @ m[:, :2].T + m[:, 2])
+    return frames, truth
+
+
+@cli.command("smoothing")
+@click.option("--model", "bundle", required=True, type=click.Path())
+@click.option("--faces", type=int, default=6, show_default=True,
+              help="HELEN test faces (every 30th) to build clips from.")
+@click.option("--setting", "settings", multiple=True, default=("off", "1.0,4", "1.0,10", "0.5,10"),
+              show_default=True, help="'off' or 'MIN_CUTOFF,BETA' of the One Euro filter.")
+def smoothing_cmd(bundle, faces, settings):
+    """Jitter of a still face and error on a moving one, per smoothing setting (development
+    machine: reads HELEN test faces through train.data)."""
+    from runtime.tracker import TrackerConfig
+    from train.data import load_300w
+    cv2.setNumThreads(1)
+    chosen = load_300w(split="helen_test")[::30][:faces]
+    clips = [still_then_moving(f) for f in chosen]
+    click.echo("| smoothing | NME still | NME moving | jitter (still face) |\n|---|---|---|---|")
+    for setting in settings:
+        if setting == "off":
+            cfg = TrackerConfig(smooth=False)
+        else:
+            cutoff, beta = (float(v) for v in setting.split(","))
+            cfg = TrackerConfig(min_cutoff=cutoff, beta=beta)
+        still, moving, jitter = [], [], []
+        for frames, truth in clips:
+            pipe = Pipeline(bundle, tracker=cfg, pose=False)
+            prev = None
+            for i, (f, gt) in enumerate(zip(frames, truth)):
+                res = pipe.process(f)
+                if not res:
+                    prev = None
+                    continue
+                p, d = res[0]["points"], np.linalg.norm(gt[36] - gt[45])
+                (moving if i >= len(frames) // 2 else still).append(
+                    np.linalg.norm(p - gt, axis=1).mean() / d)
+                if 10 <= i < len(frames) // 2 and prev is not None:
+                    jitter.append(np.linalg.norm(p - prev, axis=1).mean() / d)
+                prev = p
+        click.echo(f"| {setting} | {np.mean(still):.4f} | {np.mean(moving):.4f} | "
+                   f"{np.mean(jitter):.4f} |")
+    click.echo("(NME: mean point error / outer-eye distance; jitter: mean frame-to-frame point "
+               "motion of the still face, same units)")
 
 
 def _write(out, records) -> None:

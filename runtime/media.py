@@ -25,7 +25,8 @@ def to_bgr(image: np.ndarray) -> tuple[np.ndarray, str]:
         if img.dtype == np.uint16:
             img = (img // 257).astype(np.uint8)
         else:
-            img = cv2.normalize(img.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+            img = cv2.normalize(img.astype(np.float32), None, 0, 255, cv2.NORM_MINMAX)
+            img = img.astype(np.uint8)
         notes.append(f"{image.dtype} pixels scaled to 8 bits")
     if img.ndim == 2 or (img.ndim == 3 and img.shape[2] == 1):
         img = cv2.cvtColor(img.reshape(img.shape[:2]), cv2.COLOR_GRAY2BGR)

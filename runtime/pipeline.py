@@ -45,14 +45,18 @@ class Pipeline:
     track: reuse the previous frame's points to place the next crop (runtime.tracker); call
         reset() between unrelated images or videos.
     refine: for a face just found by the detector, run the network a second time on the crop
-        cut from the first pass's points (what tracking does on the next frame anyway).
+        cut from the first pass's points (what tracking does on the next frame anyway). Off by
+        default: on the WFLW crops it made the mean NME worse (0.1786 -> 0.1820) though the
+        median better (0.1205 -> 0.1153); on the HELEN test crops it helped (mean 0.0742 ->
+        0.0712); it costs one more network run per new face (epoch-41 PFLD 68 w0.5;
+        `python runtime/measure.py images --ground-truth wflw --refine/--no-refine`).
     """
     clock = staticmethod(time.perf_counter)     # stage timer; measure.py --clock cpu swaps it
 
     def __init__(self, bundle: str | Path, engine: str | None = None, threads: int = 1,
                  device: str | None = None, precision: str | None = None, detector="haar",
                  detector_model: str | Path | None = None, track: bool = True,
-                 pose: bool = True, refine: bool = True, max_faces: int = 1, fps: float = 30.0,
+                 pose: bool = True, refine: bool = False, max_faces: int = 1, fps: float = 30.0,
                  tracker: TrackerConfig | None = None, verify: bool = True):
         if max_faces < 1:
             raise ValueError(f"max_faces must be >= 1, got {max_faces}")
@@ -150,6 +154,9 @@ class Pipeline:
                 faces.append({"box": tuple(float(v) for v in box), "points": p, "pose": None,
                               "source": "detect" if fresh else "track", "stage": stage,
                               "track": None if tr is None else tr.id})
+            if self.tracker is not None and len(faces) > 1:
+                gone = self.tracker.drop_duplicates()
+                faces = [f for f in faces if f["track"] not in gone]
         if self.pose:
             t = self.clock()
             for f in faces:

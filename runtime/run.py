@@ -31,7 +31,8 @@ import click  # noqa: E402
 import cv2  # noqa: E402
 
 from runtime.bundle import BundleError  # noqa: E402
-from runtime.detector import DETECTORS, DetectorError  # noqa: E402
+from runtime.detector import (DETECTORS, HAAR_DEFAULTS, DetectorError,  # noqa: E402
+                              HaarDetector, make_detector)
 from runtime.engines import ENGINES, EngineUnavailable  # noqa: E402
 from runtime.media import (InputError, draw_faces, is_image, open_video, read_image,  # noqa: E402
                            to_bgr, video_writer, write_image)
@@ -39,10 +40,10 @@ from runtime.pipeline import Pipeline  # noqa: E402
 
 
 def face_json(f: dict, digits: int = 2) -> dict:
+    pose = f["pose"] and {k: round(v, digits) for k, v in f["pose"].items()}
     return {"box": [round(v, digits) for v in f["box"]],
             "points": [[round(float(x), digits), round(float(y), digits)] for x, y in f["points"]],
-            "pose": None if f["pose"] is None else {k: round(v, digits) for k, v in f["pose"].items()},
-            "source": f["source"], "stage": f["stage"], "track": f["track"]}
+            "pose": pose, "source": f["source"], "stage": f["stage"], "track": f["track"]}
 
 
 def emit(frame: int, faces: list[dict], ms: dict) -> None:
@@ -116,26 +117,31 @@ def run_video(pipe: Pipeline, spec: str, draw: str | None, max_frames: int) -> N
               show_default=True)
 @click.option("--detector-model", type=click.Path(dir_okay=False), default=None,
               help="YuNet ONNX file for --detector yunet.")
+@click.option("--min-face", type=click.FloatRange(0.02, 1.0), default=HAAR_DEFAULTS["min_face"],
+              show_default=True, help="Haar: smallest face searched, as a fraction of the "
+              "frame's shorter side (lower finds smaller faces, slower).")
 @click.option("--track/--no-track", default=True, show_default=True,
               help="Video: place crops from the previous frame's points (re-detect when lost).")
 @click.option("--pose/--no-pose", default=True, show_default=True, help="Head pose per face.")
-@click.option("--refine/--no-refine", default=True, show_default=True,
-              help="Second landmark pass on a crop cut from a new face's first-pass points.")
+@click.option("--refine/--no-refine", default=False, show_default=True,
+              help="Second landmark pass on a crop cut from a new face's first-pass points "
+              "(slower; helps some faces, see runtime/pipeline.py).")
 @click.option("--max-faces", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--max-frames", type=click.IntRange(0), default=0, show_default=True,
               help="Stop a video or camera after N frames (0: run to the end / Ctrl-C).")
 @click.option("--draw", type=click.Path(dir_okay=False), default=None,
               help="Write the input with points drawn (image: .jpg/.png; video: .avi/.mp4).")
-def main(bundle, source, engine, threads, device, detector, detector_model, track, pose,
-         refine, max_faces, max_frames, draw):
+def main(bundle, source, engine, threads, device, detector, detector_model, min_face, track,
+         pose, refine, max_faces, max_frames, draw):
     """Facial landmarks and head pose as JSON lines (one per frame) on stdout."""
     cv2.setNumThreads(threads)
     try:
         image = not source.isdigit() and is_image(source)
         try:
+            det = HaarDetector(min_face=min_face) if detector == "haar" else \
+                make_detector(detector, detector_model)
             # a single image has no previous frame: tracking does not apply
-            pipe = Pipeline(bundle, engine=engine, threads=threads, device=device,
-                            detector=detector, detector_model=detector_model,
+            pipe = Pipeline(bundle, engine=engine, threads=threads, device=device, detector=det,
                             track=track and not image, pose=pose, refine=refine,
                             max_faces=max_faces)
         except (BundleError, DetectorError, EngineUnavailable, ValueError, KeyError):

@@ -41,7 +41,7 @@ from .preprocess import landmark_box
 class OneEuroFilter:
     """One Euro filter over an array of 2D points (K, 2); the cutoff adapts per point."""
 
-    def __init__(self, min_cutoff: float = 1.0, beta: float = 4.0, d_cutoff: float = 1.0):
+    def __init__(self, min_cutoff: float = 0.5, beta: float = 10.0, d_cutoff: float = 1.0):
         self.min_cutoff, self.beta, self.d_cutoff = min_cutoff, beta, d_cutoff
         self.x = self.dx = self.t = None
 
@@ -87,8 +87,12 @@ class TrackerConfig:
     max_scale_step: float = 1.5   # max change of extent side between consecutive frames
     match_iou: float = 0.3        # detection <-> track overlap that confirms a track
     reseed_iou: float = 0.5       # ... below this the track restarts from the detection box
-    min_cutoff: float = 1.0       # One Euro: Hz, smoothing of a still face
-    beta: float = 4.0             # One Euro: cutoff increase per face side / second of speed
+    # One Euro settings from `python runtime/measure.py smoothing` (6 HELEN faces held still
+    # with sensor noise, then swinging sideways; epoch-41 PFLD 68 w0.5): frame-to-frame jitter
+    # of the still face 0.0144 -> 0.0018 of the outer-eye distance, NME on the moving face
+    # 0.1027 -> 0.1044 (lag); (1.0, 4) lagged more, (1.0, 10) smoothed less.
+    min_cutoff: float = 0.5       # One Euro: Hz, smoothing of a still face
+    beta: float = 10.0            # One Euro: cutoff increase per face side / second of speed
     smooth: bool = True
 
 
@@ -140,6 +144,16 @@ class Tracker:
                                      filter=OneEuroFilter(self.cfg.min_cutoff, self.cfg.beta)))
             self._next_id += 1
         return list(self.tracks)
+
+    def drop_duplicates(self, overlap: float = 0.5) -> set[int]:
+        """Drop tracks that converged on the same face as an older track; their ids."""
+        gone = set()
+        for i, a in enumerate(self.tracks):
+            for b in self.tracks[i + 1:]:
+                if a.id not in gone and b.id not in gone and iou(a.box, b.box) > overlap:
+                    gone.add(max(a.id, b.id))
+        self.tracks = [t for t in self.tracks if t.id not in gone]
+        return gone
 
     def update(self, track: Track, points: np.ndarray, image_size: tuple[int, int],
                t: float) -> np.ndarray | None:

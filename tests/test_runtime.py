@@ -59,8 +59,9 @@ def run_device(device, *args, cwd=None):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env.update(PYTHONPATH=str(device["stubs"]), IMPORT_MARKERS=str(device["markers"]),
                PYTHONNOUSERSITE="1")
-    p = subprocess.run([sys.executable, "runtime/run.py", *map(str, args)], cwd=cwd or device["root"],
-                       env=env, capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "runtime/run.py", *map(str, args)],
+                       cwd=cwd or device["root"], env=env, capture_output=True, text=True,
+                       timeout=120)
     imported = sorted(os.listdir(device["markers"]))
     assert not imported, f"the runtime imported {imported}:\n{p.stderr}"
     assert "Traceback" not in p.stderr, p.stderr
@@ -261,6 +262,22 @@ def test_tracking_rules(dev_bundle, helen_faces_found):
     assert tr.update(t, pts + 200, (100, 100), 0.1) is None and not tr.tracks
 
 
+def test_two_faces_are_tracked_separately(dev_bundle, helen_faces_found):
+    from runtime.pipeline import Pipeline
+    a, b = (cv2.resize(f.image(), (200, 200)) for f in helen_faces_found[:2])
+    frame = cv2.copyMakeBorder(np.hstack([a, b]), 40, 40, 40, 40, cv2.BORDER_CONSTANT,
+                               value=(90, 90, 90))
+    one = Pipeline(dev_bundle, track=False).process(frame)
+    assert len(one) == 1                                   # --max-faces defaults to 1
+    pipe = Pipeline(dev_bundle, max_faces=2)
+    for _ in range(4):
+        faces = pipe.process(frame)
+        assert len(faces) == 2 and len({f["track"] for f in faces}) == 2
+        xs = sorted(f["points"][:, 0].mean() for f in faces)
+        assert xs[0] < 40 + 200 < xs[1]                    # one on each face
+    assert pipe.detector_runs == 1
+
+
 def test_one_euro_filter_smooths_a_still_face_and_follows_a_moving_one():
     from runtime.tracker import OneEuroFilter
     rng = np.random.default_rng(0)
@@ -401,9 +418,28 @@ def test_device_requirements_pin_what_the_project_pins_and_cover_every_engine():
         assert {"numpy", "opencv-python-headless", "click"} <= set(pins), f.name
         assert pins["opencv-python-headless"].startswith("4."), "5.x has no Haar cascades"
         for name, ver in pins.items():
-            assert root.get(name, ver) == ver, f"{f.name}: {name}=={ver}, requirements.txt {root[name]}"
+            assert root.get(name, ver) == ver, \
+                f"{f.name}: {name}=={ver}, requirements.txt {root[name]}"
             assert name not in FORBIDDEN, f"{f.name} installs {name}"
         engines |= set(pins)
     device = [e for e in ENGINES.values() if e.name != "torch"]
     assert all(e.package in engines for e in device), [e.package for e in device]
     assert "ai-edge-litert" in _pins(REPO / "runtime" / "requirements.txt")   # the default
+
+
+def test_measure_images_reports_found_share(device, helen_faces_found, tmp_path):
+    for i, f in enumerate(helen_faces_found[:4]):
+        shutil.copy(f.image_path, tmp_path / f"face{i}.jpg")
+    cv2.imwrite(str(tmp_path / "wall.png"), np.full((200, 200, 3), 128, np.uint8))
+    out = tmp_path / "rec.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONPATH=str(device["stubs"]), IMPORT_MARKERS=str(device["markers"]))
+    p = subprocess.run([sys.executable, "runtime/measure.py", "images", "--model",
+                        str(device["root"] / "tiny"), "--images", str(tmp_path), "--warmup", "1",
+                        "--clock", "cpu", "--out", str(out)], cwd=device["root"], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    (rec,) = json.loads(out.read_text())["records"]
+    assert rec["images"] == 5 and rec["found"] == 4 and rec["found_share"] == 0.8
+    assert rec["clock"] == "cpu" and rec["ms_per_image"]["median"] > 0
+    assert sum(rec["found_by_stage"].values()) == 4

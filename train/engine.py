@@ -53,6 +53,7 @@ class TrainConfig:
     max_steps: int = 0                   # stop after this many steps in total (0: no limit)
     limit_faces: int = 0                 # use only the first N training faces (tests)
     progress: bool = True
+    init: str | None = None              # start from these weights (fine-tuning); not a resume
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -160,6 +161,12 @@ def train(cfg: TrainConfig) -> dict:
         f.image()
 
     model = PFLD(scheme.num_points, cfg.width).to(memory_format=torch.channels_last)
+    if cfg.init:
+        init = load_checkpoint(cfg.init)
+        if init["arch"] != {"num_points": scheme.num_points, "width": cfg.width, "input_size": 112}:
+            raise ValueError(f"--init {cfg.init} holds {init['arch']}, not a width-{cfg.width} "
+                             f"{scheme.num_points}-point PFLD")
+        model.load_state_dict(init["model"])
     steps_per_epoch = steps_per_rank(len(train_faces), world, cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click  # noqa: E402
 
+from train.augment import AugmentConfig  # noqa: E402
 from train.engine import TrainConfig  # noqa: E402
 
 DEFAULTS = TrainConfig()
@@ -43,11 +44,16 @@ def cli():
 @click.option("--threads", default=DEFAULTS.threads, show_default=True, help="torch threads (0: default)")
 @click.option("--max-steps", default=DEFAULTS.max_steps, show_default=True, help="stop after N steps (0: no limit)")
 @click.option("--limit-faces", default=DEFAULTS.limit_faces, show_default=True, help="train on the first N faces only (0: all)")
-def fit(**kw):
+@click.option("--init", default=None, type=click.Path(exists=True, dir_okay=False), help="start from these weights (fine-tuning)")
+@click.option("--aug-scale", nargs=2, type=float, default=DEFAULTS.augment.scale, show_default=True, help="crop side / landmark-extent side, min max")
+@click.option("--aug-rotate", default=DEFAULTS.augment.rotate, show_default=True, help="max rotation, degrees")
+@click.option("--aug-occlude", default=DEFAULTS.augment.occlude_p, show_default=True, help="probability of a random occluder")
+def fit(aug_scale, aug_rotate, aug_occlude, **kw):
     """Train; each epoch writes last.pt (and best.pt on a better held-out NME) atomically."""
     kw["width"] = float(kw["width"])
     kw["eval_sets"] = tuple(kw["eval_sets"])
-    cfg = TrainConfig(**kw)
+    aug = AugmentConfig(scale=tuple(aug_scale), rotate=aug_rotate, occlude_p=aug_occlude)
+    cfg = TrainConfig(augment=aug, **kw)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         import torch.distributed as dist
