@@ -1,7 +1,7 @@
 """Turn a training checkpoint into verified deployable bundles (ONNX, OpenVINO, TFLite).
 
     python export/run.py                                     # models/pfld68_w05.pt, all targets
-    python export/run.py --checkpoint models/dev.pt --targets onnx_sim_fp32,tflite_fp32
+    python export/run.py --checkpoint models/pfld68_w05.pt --targets onnx_sim_fp32,tflite_fp32
 
 Bad input (no checkpoint, another architecture, unwritable --out, unknown target) exits with
 code 2; a conversion or parity failure exits with code 1; both print the reason, no traceback.

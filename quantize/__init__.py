@@ -1,1 +1,6 @@
-"""quantize stage."""
+"""quantize stage: FP32 bundles -> INT8 bundles per backend, judged by NME drift on real faces.
+
+quantize.backends holds one quantizer per engine (registry BACKENDS); quantize.core runs the
+calibration, the drift check and search, writes the bundles and quantize_report.json;
+quantize/run.py is the CLI (`make quantize`).
+"""

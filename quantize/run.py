@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click  # noqa: E402
 
-from quantize.backends import BACKENDS, PRESETS, QuantizeError  # noqa: E402
-from quantize.core import MIN_CALIB_FACES, Settings, run  # noqa: E402
+from quantize.backends import BACKENDS, BIAS_CORRECTION, PRESETS, QuantizeError  # noqa: E402
+from quantize.core import DRIFT_FACES, MIN_CALIB_FACES, Settings, run  # noqa: E402
 
 D = Settings()
 
@@ -43,9 +43,16 @@ class CommandError(click.ClickException):
               help="per-output-channel weight scales")
 @click.option("--preset", default=D.preset, type=click.Choice(list(PRESETS)),
               help="x86: " + PRESETS["x86"] + ". arm: " + PRESETS["arm"])
+@click.option("--bias-correction", default=D.bias_correction, type=click.Choice(BIAS_CORRECTION),
+              help="OpenVINO (NNCF) bias correction; off by default because NNCF's fast bias "
+                   "correction added several NME points of drift to PFLD; onnxruntime and "
+                   "tflite do none")
 @click.option("--budget", type=float, default=D.budget,
-              help="allowed |NME_int8 - NME_fp32| on the WFLW evaluation faces (rect crops), in "
-                   "NME points: 0.10 means 4.50% may become 4.40..4.60%")
+              help="allowed |NME_int8 - NME_fp32| on the WFLW evaluation faces (rect and "
+                   "landmark crops), in NME points: 0.10 means 4.50% may become 4.40..4.60%")
+@click.option("--drift-faces", default=D.drift_faces, type=click.Choice(list(DRIFT_FACES)),
+              help="faces the drift is averaged over; ok: " + DRIFT_FACES["ok"] + "; all: "
+                   "every face (the difference of the set means, ruled by FP32 failures)")
 @click.option("--max-float-layers", type=int, default=D.max_float_layers,
               help="most sensitive layers the search may keep in float to meet the budget")
 @click.option("--rank-faces", type=int, default=D.rank_faces,
@@ -55,13 +62,14 @@ class CommandError(click.ClickException):
 @click.option("--threads", type=int, default=D.threads, help="engine threads for latency")
 @click.option("--wflw", "wflw_root", default=None, help="WFLW root (default ../shared/wflw)")
 @click.option("--w300", "w300_root", default=None, help="300-W root (default ../shared/300w)")
-def main(bundle_dir, backends, calib_samples, method, per_channel, preset, budget,
-         max_float_layers, rank_faces, latency_runs, threads, wflw_root, w300_root):
+def main(bundle_dir, backends, calib_samples, method, per_channel, preset, bias_correction, budget,
+         drift_faces, max_float_layers, rank_faces, latency_runs, threads, wflw_root, w300_root):
     """Turn the FP32 bundles in --bundle-dir into INT8 bundles (onnx_int8, openvino_int8,
     tflite_int8) calibrated on real WFLW faces, and write quantize_report.json."""
     names = list(BACKENDS) if "all" in backends else list(dict.fromkeys(backends))
     settings = Settings(method=method, per_channel=per_channel, preset=preset,
-                        calib_samples=calib_samples, budget=budget,
+                        bias_correction=bias_correction,
+                        calib_samples=calib_samples, budget=budget, drift_faces=drift_faces,
                         max_float_layers=max_float_layers, rank_faces=rank_faces,
                         latency_runs=latency_runs, threads=threads, wflw_root=wflw_root,
                         w300_root=w300_root)

@@ -63,7 +63,7 @@ def broken_wflw(tmp_path_factory, wflw_faces):
     return root, root / WFLW_IMAGE_DIR / bad.relative_to(src / WFLW_IMAGE_DIR)
 
 
-# -- bad input: exit 2, a message naming the problem, nothing written -------------------------------
+# -- bad input: exit 2, a message naming the problem, nothing written ----------------------------
 def test_unknown_backend_is_a_usage_error(tiny_bundle_dir):
     res, out = invoke("--bundle-dir", tiny_bundle_dir, "--backend", "tensorrt")
     assert_usage_error(res, out, "tensorrt", "onnxruntime")
@@ -114,6 +114,14 @@ def test_method_a_backend_does_not_support(tiny_bundle_dir):
     assert_usage_error(res, out, "entropy", "tflite", "minmax")
 
 
+def test_untrained_model_is_refused(tiny_bundle_dir):
+    """A random network localises no face: a drift over localised faces would be vacuous."""
+    res, out = invoke("--bundle-dir", tiny_bundle_dir, "--backend", "onnxruntime",
+                      "--calib-samples", MIN_CALIB_FACES)
+    assert_usage_error(res, out, "localises only", "trained")
+    assert not (tiny_bundle_dir / "onnx_int8").exists()
+
+
 def test_negative_budget(tiny_bundle_dir):
     res, out = invoke("--bundle-dir", tiny_bundle_dir, "--backend", "onnxruntime", "--budget", -1)
     assert_usage_error(res, out, "--budget")
@@ -150,7 +158,7 @@ def test_tflite_layer_labels_name_the_torch_module():
     assert _tflite_label(t) == "block5.3.block.1.0"
 
 
-# -- the trained model through every backend (slow) ---------------------------------------------------
+# -- the trained model through every backend (slow) ----------------------------------------------
 @pytest.fixture(scope="module")
 def shipped_bundles(shipped_checkpoint, tmp_path_factory):
     """FP32 bundles of the trained model from export, then `run` over every backend."""
@@ -214,8 +222,10 @@ def test_int8_bundle_is_smaller_and_quantized(shipped_bundles, name):
     fp32 = read_meta(_fp32_dir(out, name))
     assert int8["precision"] == "int8" and int8["engine"] == BACKENDS[name].engine
     # int8 weights are a quarter of fp32; int32 biases, scales and graph text add the rest
-    # (measured 0.36-0.47 of FP32 for this 0.33 M-parameter network)
-    assert _size(int8) < 0.5 * _size(fp32)
+    # (measured 0.36-0.47 of FP32 for this 0.33 M-parameter network fully quantized); ops the
+    # drift search keeps float keep their fp32 weights (the 7x7 s3 conv alone is 15 %)
+    limit = 0.5 if not int8["quantization"]["layers_kept_float"] else 0.75
+    assert _size(int8) < limit * _size(fp32)
     assert QUANTIZED[name](out / BACKENDS[name].stage)
     assert FLOAT_ONLY[name](_fp32_dir(out, name))
 
@@ -223,7 +233,9 @@ def test_int8_bundle_is_smaller_and_quantized(shipped_bundles, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_int8_drift_within_budget_on_real_faces(shipped_bundles, name):
-    """Re-score FP32 and INT8 bundles here, through the runtime engines, on the evaluation faces."""
+    """Re-score FP32 and INT8 bundles here, through the runtime engines, on the WFLW evaluation
+    faces with both crop protocols; drift = mean per-face NME change over the faces the FP32
+    model localises (FP32 NME <= 0.10), the command's default rule."""
     from runtime.engines import load_bundle
     from runtime.preprocess import Preprocess
     from runtime.schemes import get_scheme
@@ -233,16 +245,19 @@ def test_int8_drift_within_budget_on_real_faces(shipped_bundles, name):
     assert name not in failed, report["backends"][name].get("reason")
     evals = calibration_split(load_wflw())[1]
     cls = BACKENDS[name]
-    nme = {}
-    for key, folder in (("fp32", _fp32_dir(out, name)), ("int8", out / cls.stage)):
-        meta, eng = load_bundle(folder, precision=cls.precision)
-        nme[key] = evaluate(eng, evals, Preprocess.from_meta(meta), get_scheme(meta["scheme"]),
-                            get_scheme("wflw98"), "rect", batch=cls.eval_batch)["nme"]
-    drift_points = (nme["int8"] - nme["fp32"]) * 100
-    assert abs(drift_points) <= settings.budget, (name, nme, drift_points)
-    # the figure in the report is the one measured here
-    assert report["backends"][name]["nme"][HEADLINE]["drift_points"] == pytest.approx(
-        drift_points, abs=1e-9)
+    engines = {k: load_bundle(d, precision=cls.precision)
+               for k, d in (("fp32", _fp32_dir(out, name)), ("int8", out / cls.stage))}
+    for protocol in ("rect", "landmarks"):
+        per_face = {k: evaluate(eng, evals, Preprocess.from_meta(meta), get_scheme(meta["scheme"]),
+                                get_scheme("wflw98"), protocol, batch=cls.eval_batch)["_nme"]
+                    for k, (meta, eng) in engines.items()}
+        ok = per_face["fp32"] <= 0.10
+        assert ok.sum() > 100                           # enough localised faces to mean something
+        drift_points = float((per_face["int8"] - per_face["fp32"])[ok].mean() * 100)
+        assert abs(drift_points) <= settings.budget, (name, protocol, drift_points)
+        # the figure in the report is the one measured here
+        assert report["backends"][name]["nme"][f"wflw_eval_{protocol}"]["drift_points"] == \
+            pytest.approx(drift_points, abs=1e-9)
 
 
 @pytest.mark.slow
@@ -270,7 +285,8 @@ def test_int8_meta_records_calibration_and_lineage(shipped_bundles, name, wflw_f
         _fp32_dir(out, name).resolve()
     assert meta["preprocess"] == fp32["preprocess"] and meta["scheme"] == fp32["scheme"]
     v = meta["validation"]
-    assert v["within_budget"] and abs(v["drift_points"][HEADLINE]) <= settings.budget
+    assert v["within_budget"] and v["gated"] == ["wflw_eval_rect", "wflw_eval_landmarks"]
+    assert all(abs(v["drift_points"][k]) <= settings.budget for k in v["gated"])
     assert set(v["drift_points"]) == {HEADLINE, "wflw_eval_landmarks", "helen_test_landmarks"}
 
 
@@ -294,10 +310,47 @@ def test_report_has_the_figures(shipped_bundles):
         assert 0 < h["fp32"]["nme"] < 1 and 0 < h["int8"]["nme"] < 1
 
 
+def _onnx_weights_quantized(d: Path, layer: str) -> bool:
+    import onnx
+    g = onnx.load(str(d / "model.onnx")).graph
+    init = {i.name for i in g.initializer}
+    dq_of_weights = {n.output[0] for n in g.node
+                     if n.op_type == "DequantizeLinear" and n.input[0] in init}
+    node = next(n for n in g.node if n.name == layer)
+    return any(i in dq_of_weights for i in node.input)
+
+
+def _openvino_weights_quantized(d: Path, layer: str) -> bool:
+    import openvino as ov
+    op = next(o for o in ov.Core().read_model(str(d / "model.xml")).get_ops()
+              if o.get_friendly_name() == layer)
+    # NNCF stores int8 weights as Constant(i8) -> Convert -> Multiply(scale) ("fq_weights")
+    return any("fq_weights" in i.get_source_output().get_node().get_friendly_name()
+               for i in op.inputs())
+
+
+def _tflite_weights_quantized(d: Path, layer: str) -> bool:
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(model_path=str(d / "model.tflite"))
+    t = {x["index"]: x for x in it.get_tensor_details()}
+    op = next(o for o in it._get_ops_details()
+              if ";".join(t[i]["name"] for i in o["outputs"] if i >= 0) == layer)
+    return t[op["inputs"][1]]["dtype"] == np.int8
+
+
+WEIGHTS_QUANTIZED = {"onnxruntime": _onnx_weights_quantized,
+                     "openvino": _openvino_weights_quantized,
+                     "tflite": _tflite_weights_quantized}
+
+
+def test_every_backend_has_a_weight_check():
+    assert set(WEIGHTS_QUANTIZED) == set(BACKENDS)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_excluded_layer_stays_float(shipped_bundles, name, tmp_path, wflw_faces):
-    """What the drift search relies on: exclude keeps a layer float, only quantizes just it."""
+    """What the drift search relies on: `exclude` keeps a layer float, `only` quantizes it alone."""
     from runtime.bundle import read_meta
     from runtime.preprocess import Preprocess
     from train.data import calibration_split
@@ -308,13 +361,15 @@ def test_excluded_layer_stays_float(shipped_bundles, name, tmp_path, wflw_faces)
     b = BACKENDS[name](meta, tmp_path / "work")
     b.quantize(x, Options(), tmp_path / "full")
     layers = b.layers(tmp_path / "full")
-    assert len(layers) > 10
-    last = layers[-1]                                   # the output layer
+    weighted = [ly for ly in layers if WEIGHTS_QUANTIZED[name](tmp_path / "full", ly.name)]
+    assert len(weighted) > 10
+    last, first = weighted[-1], weighted[0]            # the output layer, the stem conv
     b.quantize(x, Options(), tmp_path / "excl", exclude=[last.name])
-    left = {ly.name for ly in b._layers_of(tmp_path / "excl")}
-    assert last.name not in left and len(left) < len(layers)
-    b.quantize(x, Options(), tmp_path / "only", only=[layers[0].name])
-    assert layers[0].name in {ly.name for ly in b._layers_of(tmp_path / "only")}
+    assert not WEIGHTS_QUANTIZED[name](tmp_path / "excl", last.name)
+    assert WEIGHTS_QUANTIZED[name](tmp_path / "excl", first.name)
+    b.quantize(x, Options(), tmp_path / "only", only=[first.name])
+    assert WEIGHTS_QUANTIZED[name](tmp_path / "only", first.name)
+    assert not WEIGHTS_QUANTIZED[name](tmp_path / "only", last.name)
     assert len(b._layers_of(tmp_path / "only")) <= 3
 
 
@@ -334,5 +389,6 @@ def test_over_budget_fails_with_figures_and_writes_no_bundle(shipped_bundles, tm
     e = json.loads((d / REPORT).read_text())["backends"]["onnxruntime"]
     assert e["status"] == "failed" and e["int8_bundle"] is None
     steps = e["search"]["steps"]
-    assert len(steps) == 2 and steps[0]["kept_float"] == [] and len(steps[1]["kept_float"]) == 1
+    assert 1 <= len(steps) <= 2 and steps[0]["kept_float"] == []
+    assert all(len(st["kept_float"]) == i for i, st in enumerate(steps))
     assert e["search"]["ranking_top"] and "drift_points" in e["nme"][HEADLINE]

@@ -1,5 +1,9 @@
 """PFLD in plain torch.nn: MobileNetV2 inverted-residual backbone, multi-scale FC head.
 
+Activations are ReLU6, as in MobileNetV2: with plain ReLU a channel that is dead on the training
+faces ends with a BatchNorm running variance near 0 and amplifies an unusual input by ~300x per
+layer (seen: one HELEN face whose outputs left the image); ReLU6 bounds every layer.
+
 The auxiliary branch regresses head pose (yaw, pitch, roll) from the 4th block's features and
 is used only in training; `forward` returns points alone unless `with_pose=True`, so the
 exported graph has one output: (N, 2K) point coordinates in crop-normalised [0, 1] units.
@@ -18,7 +22,7 @@ def conv_bn(cin, cout, k, s, p=None, groups=1, act=True):
     layers = [nn.Conv2d(cin, cout, k, s, k // 2 if p is None else p, groups=groups, bias=False),
               nn.BatchNorm2d(cout)]
     if act:
-        layers.append(nn.ReLU(inplace=True))
+        layers.append(nn.ReLU6(inplace=True))
     return nn.Sequential(*layers)
 
 
@@ -49,7 +53,7 @@ class PFLD(nn.Module):
                                     InvertedResidual(c128, c16, 1, 2))                      # 14x14
         self.s2 = conv_bn(c16, c32, 3, 2)                                                   # 7x7
         self.s3 = nn.Sequential(nn.Conv2d(c32, c128, 7, 1, 0), nn.BatchNorm2d(c128),
-                                nn.ReLU(inplace=True))                                       # 1x1
+                                nn.ReLU6(inplace=True))                                      # 1x1
         self.fc = nn.Linear(c16 + c32 + c128, num_points * 2)
         nn.init.constant_(self.fc.bias, 0.5)   # start from the crop centre, not the corner
         # auxiliary pose branch (training only)
