@@ -109,9 +109,10 @@ class Job:
 
 # -- conversions ----------------------------------------------------------------------------
 @contextlib.contextmanager
-def _quiet():
+def quiet(label: str = "converter"):
     """Keep converters' chatter (Python and C++ logs alike) off the console: fds 1 and 2 go
-    to a temporary file for the duration, whose tail is attached to the error if one is raised."""
+    to a temporary file for the duration, whose tail is attached to the error if one is raised.
+    Also used by quantize/."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
@@ -128,7 +129,7 @@ def _quiet():
             log.seek(0)
             text = log.read().decode(errors="replace").strip()
             if text:
-                e.add_note("converter output (last lines):\n" + text[-2000:])
+                e.add_note(f"{label} output (last lines):\n" + text[-2000:])
             raise
         finally:
             sys.stdout.flush()
@@ -276,7 +277,7 @@ def _run(bundle_or_file: Path, engine: str, x: np.ndarray) -> np.ndarray:
     if path.is_dir():
         path = model_path(read_meta(path))
     try:
-        with _quiet():     # e.g. LiteRT's "Created TensorFlow Lite XNNPACK delegate" notice
+        with quiet():     # e.g. LiteRT's "Created TensorFlow Lite XNNPACK delegate" notice
             return np.asarray(ENGINES[engine](path, threads=1, precision="f32")(x), np.float32)
     except EngineUnavailable as e:
         raise ExportError(f"cannot run {path} for the parity check: {e}") from None
@@ -438,7 +439,7 @@ def _build(job: Job, target: Target) -> tuple[dict, float, float]:
     with staging_dir(final) as tmp:
         src = model_path(read_meta(job.bundles[target.parent])) if target.parent else None
         try:
-            with _quiet():
+            with quiet():
                 spec = target.build(job, tmp, src)
         except ExportError:
             raise

@@ -31,17 +31,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 import re
-import sys
-import tempfile
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from export.stages import quiet as _quiet
 from runtime.bundle import model_path
 
 
@@ -49,35 +45,9 @@ class QuantizeError(Exception):
     """Bad input to the quantizer (data, bundle, option); the message says what and where."""
 
 
-@contextmanager
 def quiet():
-    """Keep the quantizers' chatter (progress bars, C++ logs, warnings) off the console: fds 1
-    and 2 go to a temporary file meanwhile; its tail is attached to an exception if one occurs."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(1), os.dup(2)
-    with tempfile.TemporaryFile() as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                yield
-        except Exception as e:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            log.seek(0)
-            text = log.read().decode(errors="replace").strip()
-            if text:
-                e.add_note("quantizer output (last lines):\n" + text[-2000:])
-            raise
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
+    """Quantizer chatter off the console (see export.stages.quiet)."""
+    return _quiet("quantizer")
 
 
 # Presets: what "x86" and "arm" mean for each backend (also written to every INT8 meta.json).

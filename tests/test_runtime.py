@@ -182,7 +182,7 @@ def make_clip(face, path: Path, n: int = 20, size: int = 320):
 
 
 def _trained(checkpoint: Path, nme: float = 0.10) -> bool:
-    """Has the checkpoint's own validation NME reached `nme` (models/dev.pt may be epoch 1)?"""
+    """Has the checkpoint's own validation NME reached `nme`?"""
     import torch
     ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
     hist = ck.get("history") or [{}]
