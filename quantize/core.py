@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import shutil
 import tempfile
 import time
@@ -53,6 +52,7 @@ from typing import Callable
 import numpy as np
 
 from quantize.backends import BACKENDS, PRESETS, Backend, Layer, Options, QuantizeError, get_backend
+from benchmark.records import host_info
 from runtime.bundle import (META, BundleError, atomic_write_json, model_path, read_meta,
                             staging_dir, write_meta)
 from runtime.engines import EngineUnavailable, get_engine, load_bundle
@@ -565,12 +565,6 @@ def check_request(bundle_dir: Path, names: list[str], settings: Settings) -> lis
     return names
 
 
-def host() -> dict:
-    return {"platform": platform.platform(), "machine": platform.machine(),
-            "processor": platform.processor(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count()}
-
-
 def run(bundle_dir: str | Path, backends: list[str], settings: Settings,
         log: Log = print) -> tuple[dict, list[str]]:
     """Quantize the given backends; write the report; return (report, failed backend names)."""
@@ -611,7 +605,7 @@ def run(bundle_dir: str | Path, backends: list[str], settings: Settings,
                 f"{len(r['layers_kept_float'])} op(s) kept float")
     report = {
         "model": bundle_dir.name, "bundle_dir": str(bundle_dir), "created": _now(),
-        "host": host(), "units": UNITS, "headline": HEADLINE, "gated": list(GATES),
+        "host": host_info(), "units": UNITS, "headline": HEADLINE, "gated": list(GATES),
         "drift_faces": settings.drift_faces, "drift_faces_rule": DRIFT_FACES[settings.drift_faces],
         "budget_points": settings.budget,
         "settings": {k: v for k, v in asdict(settings).items() if not k.endswith("_root")},
