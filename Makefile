@@ -47,7 +47,10 @@ train: venv
 	$(PY) train/run.py fit --dataset 300w --width 0.5 --epochs 55 --batch-size 32 --lr 5e-4 \
 		--init runs/w300_w05/last.pt --aug-scale 1.1 1.45 --aug-rotate 20 --aug-occlude 0.15 \
 		--eval-set 300w:helen_test --out runs/w300_w05_ft --threads 2
-	$(PY) train/ship.py runs/w300_w05_ft/best.pt $(MODEL)
+	$(PY) train/run.py fit --dataset 300w --width 0.5 --epochs 180 --batch-size 32 --lr 1e-3 \
+		--init runs/w300_w05_ft/best.pt --aug-scale 1.15 1.35 --aug-rotate 15 --aug-occlude 0.05 \
+		--eval-set 300w:helen_test --out runs/w300_w05_p3 --threads 2
+	$(PY) train/ship.py runs/w300_w05_p3/best.pt $(MODEL)
 
 clean:
 	rm -rf artifacts

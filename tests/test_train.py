@@ -112,7 +112,7 @@ def test_ddp_two_cpu_processes_with_gloo(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_model_accuracy(shipped_checkpoint, helen_faces):
-    """Guards the README's HELEN figure (5.28% NME, crops from the landmark extent).
+    """Guards the README's HELEN figure (4.61% NME, crops from the landmark extent).
 
     The issue's acceptance bound is 4.5%; the shipped model does not reach it yet (see README),
     so this checks the claim that is made, not the one that is wished for.
@@ -121,5 +121,5 @@ def test_shipped_model_accuracy(shipped_checkpoint, helen_faces):
     r = evaluate(torch_predictor(model_from_checkpoint(ck)), helen_faces,
                  Preprocess.from_meta(ck), get_scheme(68), get_scheme(68), "landmarks")
     assert r["count"] == 330
-    assert r["nme"] <= 0.0535
+    assert r["nme"] <= 0.0465
     assert r["_nme"].max() < 1.0      # no face whose points leave the image (the ReLU failure)
