@@ -117,7 +117,7 @@ def test_method_a_backend_does_not_support(tiny_bundle_dir):
 def test_untrained_model_is_refused(tiny_bundle_dir):
     """A random network localises no face: a drift over localised faces would be vacuous."""
     res, out = invoke("--bundle-dir", tiny_bundle_dir, "--backend", "onnxruntime",
-                      "--calib-samples", MIN_CALIB_FACES)
+                      "--calib-samples", MIN_CALIB_FACES, "--drift-faces", "ok")
     assert_usage_error(res, out, "localises only", "trained")
     assert not (tiny_bundle_dir / "onnx_int8").exists()
 
@@ -234,8 +234,8 @@ def test_int8_bundle_is_smaller_and_quantized(shipped_bundles, name):
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_int8_drift_within_budget_on_real_faces(shipped_bundles, name):
     """Re-score FP32 and INT8 bundles here, through the runtime engines, on the WFLW evaluation
-    faces with both crop protocols; drift = mean per-face NME change over the faces the FP32
-    model localises (FP32 NME <= 0.10), the command's default rule."""
+    faces with both crop protocols; drift = NME(INT8) - NME(FP32) over every face (the
+    command's default rule), or over the faces the FP32 model localises under "ok"."""
     from runtime.engines import load_bundle
     from runtime.preprocess import Preprocess
     from runtime.schemes import get_scheme
@@ -253,6 +253,8 @@ def test_int8_drift_within_budget_on_real_faces(shipped_bundles, name):
                     for k, (meta, eng) in engines.items()}
         ok = per_face["fp32"] <= 0.10
         assert ok.sum() > 100                           # enough localised faces to mean something
+        if settings.drift_faces == "all":
+            ok = np.ones_like(ok)
         drift_points = float((per_face["int8"] - per_face["fp32"])[ok].mean() * 100)
         assert abs(drift_points) <= settings.budget, (name, protocol, drift_points)
         # the figure in the report is the one measured here
