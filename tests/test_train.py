@@ -45,6 +45,36 @@ def test_train_writes_loadable_checkpoint_and_resumes(tmp_path):
     assert (tmp_path / "best.pt").is_file()
 
 
+def test_weight_average_is_saved_scored_and_resumed(tmp_path):
+    """--ema: best/last hold the averaged weights (what was scored), the raw weights ride
+    along for resuming, and the average is exactly the documented recurrence."""
+    from train.engine import WeightAverage
+    m = torch.nn.Linear(2, 1)
+    avg = WeightAverage(m, 0.5)
+    w0 = m.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    avg.update(m)                       # decay_1 = min(0.5, 2/11)
+    d = 2 / 11
+    assert torch.allclose(avg.state["weight"], d * w0 + (1 - d) * (w0 + 1))
+    with pytest.raises(ValueError, match="decay"):
+        WeightAverage(m, 1.0)
+
+    e1 = train(_tiny(tmp_path, epochs=1, ema=0.9))
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert set(ck["train_model"]) == set(ck["model"])
+    assert any(not torch.equal(ck["train_model"][k], ck["model"][k]) for k in ck["model"])
+    # the logged val NME is the averaged model's
+    faces = split_holdout(D.load_300w(split="train")[:24], 0.2)[1]
+    scheme = get_scheme("300w68")
+    r = evaluate(torch_predictor(model_from_checkpoint(ck)), faces, Preprocess(), scheme, scheme)
+    assert r["nme"] == pytest.approx(e1["val"]["nme"], rel=1e-5)
+    with pytest.raises(ValueError, match="with --ema"):
+        train(_tiny(tmp_path, epochs=2))
+    e2 = train(_tiny(tmp_path, epochs=2, ema=0.9))
+    assert e2["epoch"] == 2 and e2["step"] == 2 * e1["step"]
+
+
 def test_resume_refuses_another_architecture(tmp_path):
     train(_tiny(tmp_path, epochs=1, max_steps=1))
     with pytest.raises(ValueError, match="different architecture"):

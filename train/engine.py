@@ -53,6 +53,8 @@ class TrainConfig:
     limit_faces: int = 0                 # use only the first N training faces (tests)
     progress: bool = True
     init: str | None = None              # start from these weights (fine-tuning); not a resume
+    ema: float = 0.0                     # decay of an exponential moving average of the weights
+                                         # (0: off); when on, the average is evaluated and saved
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -130,6 +132,28 @@ def model_from_checkpoint(ck: dict) -> PFLD:
     return m.eval()
 
 
+class WeightAverage:
+    """Exponential moving average of every float tensor in a model's state (weights and
+    BatchNorm statistics), warmed up as decay_t = min(decay, (1 + t) / (10 + t)) so the first
+    steps do not drag the average towards the starting weights for long."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay, self.updates = decay, 0
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.state[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.state[k].copy_(v)
+
+
 def torch_predictor(model):
     def predict(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -173,6 +197,8 @@ def train(cfg: TrainConfig) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
         0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    ema = WeightAverage(model, cfg.ema) if cfg.ema else None
+    evaluated = PFLD(scheme.num_points, cfg.width) if ema else model   # holds the average
     loss_fn = LOSSES[cfg.loss]
 
     start_epoch, step, best, history = 0, 0, float("inf"), []
@@ -182,7 +208,16 @@ def train(cfg: TrainConfig) -> dict:
         if ck["arch"] != {"num_points": scheme.num_points, "width": cfg.width, "input_size": 112}:
             raise ValueError(f"{last} holds a different architecture {ck['arch']}; "
                              "use another --out or delete it")
-        model.load_state_dict(ck["model"])
+        if ema is not None and "train_model" not in ck:
+            raise ValueError(f"{last} was written without --ema; resume it without --ema "
+                             "or use another --out")
+        if ema is None and "train_model" in ck:
+            raise ValueError(f"{last} was written with --ema {ck['config'].get('ema')}; "
+                             "resume it with the same --ema")
+        model.load_state_dict(ck["train_model"] if ema else ck["model"])
+        if ema:
+            ema.state = {k: v.clone() for k, v in ck["model"].items()}
+            ema.updates = ck["step"]
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start_epoch, step, best, history = ck["epoch"], ck["step"], ck["best"], ck["history"]
@@ -217,6 +252,8 @@ def train(cfg: TrainConfig) -> dict:
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update(model)
             step += 1
             with torch.no_grad():
                 nme_batch = (pred.detach() - y).reshape(len(idx), -1, 2).norm(dim=-1).mean()
@@ -227,8 +264,10 @@ def train(cfg: TrainConfig) -> dict:
         entry = {"epoch": epoch + 1, "step": step, "loss": float(sums[0] / max(1, b + 1)),
                  "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t_start, 1)}
         if rank == 0:
-            model.eval()
-            pred_fn = torch_predictor(model)
+            if ema is not None:
+                evaluated.load_state_dict(ema.state)
+            evaluated.eval()
+            pred_fn = torch_predictor(evaluated)
             evals = {"val": (val_faces, scheme)} if val_faces else {}
             evals.update({s: (fs, get_scheme(SCHEME_OF[_parse_set(s)[0]])) for s, fs in extra.items()})
             for name, (fs, ds_scheme) in evals.items():
@@ -240,13 +279,16 @@ def train(cfg: TrainConfig) -> dict:
             best = min(best, metric)
             state = {
                 "arch": {"num_points": scheme.num_points, "width": cfg.width, "input_size": 112},
-                "scheme": scheme.name, "preprocess": pre.to_meta(), "model": model.state_dict(),
+                "scheme": scheme.name, "preprocess": pre.to_meta(),
+                "model": evaluated.state_dict(),        # the weights that were scored
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "epoch": epoch + 1, "step": step, "best": best, "history": history,
                 "config": json.loads(json.dumps(asdict(cfg), default=str)),
                 "params": count_params(model),
                 "rng": {"torch": torch.get_rng_state(), "numpy": json.dumps(rng.bit_generator.state)},
             }
+            if ema is not None:                           # the optimised weights, for resuming
+                state["train_model"] = model.state_dict()
             out.mkdir(parents=True, exist_ok=True)
             save_checkpoint(last, state)
             if improved:

@@ -45,6 +45,7 @@ def cli():
 @click.option("--max-steps", default=DEFAULTS.max_steps, show_default=True, help="stop after N steps (0: no limit)")
 @click.option("--limit-faces", default=DEFAULTS.limit_faces, show_default=True, help="train on the first N faces only (0: all)")
 @click.option("--init", default=None, type=click.Path(exists=True, dir_okay=False), help="start from these weights (fine-tuning)")
+@click.option("--ema", default=DEFAULTS.ema, show_default=True, help="decay of an exponential moving average of the weights, evaluated and saved instead of the raw weights (0: off; e.g. 0.998)")
 @click.option("--aug-scale", nargs=2, type=float, default=DEFAULTS.augment.scale, show_default=True, help="crop side / landmark-extent side, min max")
 @click.option("--aug-rotate", default=DEFAULTS.augment.rotate, show_default=True, help="max rotation, degrees")
 @click.option("--aug-occlude", default=DEFAULTS.augment.occlude_p, show_default=True, help="probability of a random occluder")
