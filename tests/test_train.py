@@ -153,3 +153,35 @@ def test_shipped_model_accuracy(shipped_checkpoint, helen_faces):
     assert r["count"] == 330
     assert r["nme"] <= 0.0465
     assert r["_nme"].max() < 1.0      # no face whose points leave the image (the ReLU failure)
+
+
+def test_greedy_soup_averages_on_held_out_faces(tmp_path):
+    """train/soup.py: ingredients ranked by held-out NME, the written weights are the mean of
+    the kept ones, its recorded NME is what the averaged model scores, and checkpoints of
+    another architecture are refused by name."""
+    from train.engine import save_checkpoint
+    from train.soup import average, greedy_soup
+    paths = []
+    for seed in (0, 1, 2):
+        train(_tiny(tmp_path / f"s{seed}", epochs=1, max_steps=2, seed=seed))
+        paths.append(str(tmp_path / f"s{seed}" / "last.pt"))
+    soup = greedy_soup(paths, threads=1, log=lambda *_: None)
+    rec = soup["soup"]["ingredients"]
+    assert sorted(r["checkpoint"] for r in rec) == sorted(paths)
+    assert [r["val_nme"] for r in rec][0] == min(r["val_nme"] for r in rec) and rec[0]["kept"]
+    kept = [load_checkpoint(r["checkpoint"])["model"] for r in rec if r["kept"]]
+    for k, v in soup["model"].items():
+        if v.dtype.is_floating_point:
+            assert torch.allclose(v, sum(s[k] for s in kept) / len(kept), atol=1e-6)
+    save_checkpoint(tmp_path / "soup.pt", soup)
+    ck = load_checkpoint(tmp_path / "soup.pt")
+    faces = split_holdout(D.load_300w(split="train")[:24], 0.2)[1]
+    scheme = get_scheme("300w68")
+    r = evaluate(torch_predictor(model_from_checkpoint(ck)), faces, Preprocess(), scheme, scheme)
+    assert r["nme"] == pytest.approx(ck["soup"]["val_nme"], rel=1e-6)
+    a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(5)}
+    assert torch.equal(average([a, {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(7)}])["w"],
+                       torch.tensor([2.0, 4.0]))
+    train(_tiny(tmp_path / "wide", epochs=1, max_steps=1, width=0.5))
+    with pytest.raises(ValueError, match="wide/last.pt: arch"):
+        greedy_soup([paths[0], str(tmp_path / "wide" / "last.pt")], threads=1)

@@ -11,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import click  # noqa: E402
 
-KEEP = ("arch", "scheme", "preprocess", "model", "epoch", "step", "history", "config", "params")
+KEEP = ("arch", "scheme", "preprocess", "model", "epoch", "step", "history", "config", "params",
+        "soup")
 
 
 def ship(src, dst) -> dict:
