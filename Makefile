@@ -42,7 +42,7 @@ test-fast: venv
 # with milder augmentation, a 180-epoch second cosine cycle with milder augmentation still, then
 # two runs fine-tuned from that cycle's held-out-best weights with an exponential moving average
 # of the weights, whose final averages are weight-averaged ("greedy soup", chosen on the
-# held-out training faces) and stripped of optimizer state. About 5 hours on 2 cores; each run
+# held-out training faces) and stripped of optimizer state. About 4 hours on 2 cores; each run
 # resumes from its last.pt.
 train: venv
 	$(PY) train/run.py fit --dataset 300w --width 0.5 --epochs 120 --batch-size 32 \

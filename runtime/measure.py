@@ -229,7 +229,7 @@ def _common(f):
                      show_default=True)(f)
     f = click.option("--min-neighbors", type=int, default=HAAR_DEFAULTS["min_neighbors"],
                      show_default=True)(f)
-    f = click.option("--refine/--no-refine", default=False, show_default=True)(f)
+    f = click.option("--refine/--no-refine", default=True, show_default=True)(f)
     f = click.option("--warmup", type=int, default=5, show_default=True)(f)
     f = click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall",
                      show_default=True, help="Stage timer: wall clock, or process CPU time "

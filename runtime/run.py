@@ -123,9 +123,9 @@ def run_video(pipe: Pipeline, spec: str, draw: str | None, max_frames: int) -> N
 @click.option("--track/--no-track", default=True, show_default=True,
               help="Video: place crops from the previous frame's points (re-detect when lost).")
 @click.option("--pose/--no-pose", default=True, show_default=True, help="Head pose per face.")
-@click.option("--refine/--no-refine", default=False, show_default=True,
+@click.option("--refine/--no-refine", default=True, show_default=True,
               help="Second landmark pass on a crop cut from a new face's first-pass points "
-              "(slower; helps some faces, see runtime/pipeline.py).")
+              "(one more network run per new face; more accurate, see runtime/pipeline.py).")
 @click.option("--max-faces", type=click.IntRange(1), default=1, show_default=True)
 @click.option("--max-frames", type=click.IntRange(0), default=0, show_default=True,
               help="Stop a video or camera after N frames (0: run to the end / Ctrl-C).")

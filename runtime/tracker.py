@@ -87,10 +87,11 @@ class TrackerConfig:
     max_scale_step: float = 1.5   # max change of extent side between consecutive frames
     match_iou: float = 0.3        # detection <-> track overlap that confirms a track
     reseed_iou: float = 0.5       # ... below this the track restarts from the detection box
-    # One Euro settings from `python runtime/measure.py smoothing` (6 HELEN faces held still
-    # with sensor noise, then swinging sideways; epoch-41 PFLD 68 w0.5): frame-to-frame jitter
-    # of the still face 0.0144 -> 0.0018 of the outer-eye distance, NME on the moving face
-    # 0.1027 -> 0.1044 (lag); (1.0, 4) lagged more, (1.0, 10) smoothed less.
+    # One Euro settings from `python runtime/measure.py smoothing --model
+    # artifacts/pfld68_w05/onnx_fp32` (6 HELEN faces held still with sensor noise, then swinging
+    # sideways; the shipped model): frame-to-frame jitter of the still face 0.0058 -> 0.0006 of
+    # the outer-eye distance, NME on the moving face 0.0448 -> 0.0543 (lag); (1.0, 4) lagged
+    # more (0.0661), (1.0, 10) lagged about as much (0.0536) and smoothed less (0.0009).
     min_cutoff: float = 0.5       # One Euro: Hz, smoothing of a still face
     beta: float = 10.0            # One Euro: cutoff increase per face side / second of speed
     smooth: bool = True
