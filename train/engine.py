@@ -73,6 +73,15 @@ def split_holdout(faces: list[D.Face], fraction: float) -> tuple[list[D.Face], l
             [f for f, k in zip(faces, key) if k < fraction])
 
 
+def training_faces(dataset: str, split: str, data_root: str | None, limit: int,
+                   fraction: float) -> tuple[list[D.Face], list[D.Face]]:
+    """The training faces and the held-out faces of a run: the first `limit` faces (0: all)
+    of dataset:split, split by split_holdout. train() and train/soup.py both use it, so the
+    soup is chosen on exactly the faces training selected on."""
+    faces = D.load(dataset, split, data_root)
+    return split_holdout(faces[:limit] if limit else faces, fraction)
+
+
 def steps_per_rank(n_faces: int, world: int, batch: int) -> int:
     """Optimizer steps per epoch; a last batch of one face is dropped (BatchNorm needs two)."""
     per_rank = n_faces // world
@@ -172,13 +181,11 @@ def train(cfg: TrainConfig) -> dict:
     scheme = get_scheme(SCHEME_OF[cfg.dataset])
     pre = Preprocess()
 
-    faces = D.load(cfg.dataset, cfg.train_split, cfg.data_root)
-    if cfg.limit_faces:
-        faces = faces[:cfg.limit_faces]
-    train_faces, val_faces = split_holdout(faces, cfg.val_fraction)
+    train_faces, val_faces = training_faces(cfg.dataset, cfg.train_split, cfg.data_root,
+                                            cfg.limit_faces, cfg.val_fraction)
     if not train_faces:
         raise D.DataError(f"{cfg.dataset}:{cfg.train_split} has no training faces "
-                          f"(found {len(faces)} before the hold-out)")
+                          f"(all {len(val_faces)} went to the hold-out)")
     extra = {s: D.load(*_parse_set(s)) for s in cfg.eval_sets}
     for f in train_faces:        # read every image now: a bad file fails before training
         f.image()

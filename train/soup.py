@@ -46,9 +46,8 @@ def greedy_soup(paths: list[str], data_root: str | None = None, threads: int = 0
 
     from runtime.preprocess import Preprocess
     from runtime.schemes import get_scheme
-    from train import data as D
-    from train.engine import (SCHEME_OF, load_checkpoint, model_from_checkpoint, split_holdout,
-                              torch_predictor)
+    from train.engine import (SCHEME_OF, load_checkpoint, model_from_checkpoint, torch_predictor,
+                              training_faces)
     from train.metrics import evaluate
 
     if threads:
@@ -67,8 +66,7 @@ def greedy_soup(paths: list[str], data_root: str | None = None, threads: int = 0
     if not fraction:
         raise ValueError("the checkpoints were trained without a held-out split (val_fraction 0); "
                          "there are no faces to choose the soup on")
-    faces = D.load(dataset, train_split, data_root)
-    faces = split_holdout(faces[:limit] if limit else faces, fraction)[1]
+    faces = training_faces(dataset, train_split, data_root, limit, fraction)[1]
     pre = Preprocess.from_meta(cks[0])
     scheme = get_scheme(cks[0]["scheme"])
     ds_scheme = get_scheme(SCHEME_OF[dataset])
