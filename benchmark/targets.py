@@ -11,22 +11,12 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.bundle import META, BundleError, model_path, read_meta
+from runtime.bundle import META, OUTPUT_UNITS, PRECISIONS, BundleError, SpecError, load_spec, model_path, read_meta
 from runtime.engines import ENGINES
 from runtime.preprocess import Preprocess
 from runtime.schemes import get_scheme
 
-PRECISIONS = ("fp32", "fp16", "int8")
 REPO_SPEC = Path(__file__).resolve().parent / "specs" / "example_pfld_external.json"
-OUTPUT_UNITS = {   # spec "output_units" -> how to bring the output to crop-normalised [0, 1]
-    "normalised": "x, y in [0, 1] of the crop (our bundles)",
-    "pixels": "x, y in pixels of the input crop (0 .. input_size)",
-    "signed": "x, y in [-1, 1] about the crop centre",
-}
-
-
-class SpecError(ValueError):
-    """An external-model spec file is missing a field or has a value that cannot be used."""
 
 
 @dataclass
@@ -112,63 +102,6 @@ def _engine_for(path: Path, spec: dict, where: str) -> str:
             return name
     raise SpecError(f"{where}: no engine runs {path.suffix} files; set \"engine\" to one of "
                     f"{', '.join(ENGINES)}")
-
-
-def load_spec(spec_path: str | Path) -> dict:
-    """Read and check an external-model spec (see benchmark/specs/example_pfld_external.json)."""
-    spec_path = Path(spec_path)
-    if not spec_path.is_file():
-        raise SpecError(f"external-model spec {spec_path} does not exist")
-    try:
-        spec = json.loads(spec_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SpecError(f"{spec_path} is not valid JSON: {e}") from None
-    if not isinstance(spec, dict):
-        raise SpecError(f"{spec_path}: expected a JSON object")
-    where = str(spec_path)
-    for key in ("input_size", "mean", "std"):
-        if key not in spec:
-            raise SpecError(f"{where}: missing {key!r} (see benchmark/specs/example_pfld_external.json)")
-    for key in ("mean", "std"):
-        v = spec[key]
-        v = [v] * 3 if isinstance(v, (int, float)) else v
-        if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
-            raise SpecError(f"{where}: {key!r} must be a number or 3 numbers (pixel units 0..255), "
-                            f"got {spec[key]!r}")
-        if key == "std" and min(v) <= 0:
-            raise SpecError(f"{where}: 'std' must be positive, got {v}")
-        spec[key] = [float(x) for x in v]
-    if not isinstance(spec["input_size"], int) or spec["input_size"] <= 0:
-        raise SpecError(f"{where}: 'input_size' must be a positive integer, got {spec['input_size']!r}")
-    color = spec.setdefault("color", "RGB")
-    if color not in ("RGB", "BGR"):
-        raise SpecError(f"{where}: 'color' must be 'RGB' or 'BGR', got {color!r}")
-    layout = spec.setdefault("layout", "NCHW")
-    if layout not in ("NCHW", "NHWC"):
-        raise SpecError(f"{where}: 'layout' must be 'NCHW' or 'NHWC', got {layout!r}")
-    units = spec.setdefault("output_units", "normalised").replace("normalized", "normalised")
-    if units not in OUTPUT_UNITS:
-        raise SpecError(f"{where}: 'output_units' must be one of {', '.join(OUTPUT_UNITS)}, got {units!r}")
-    spec["output_units"] = units
-    order = spec.setdefault("output_order", "xyxy")
-    if order not in ("xyxy", "xxyy"):
-        raise SpecError(f"{where}: 'output_order' must be 'xyxy' (x0 y0 x1 y1 ...) or 'xxyy' "
-                        f"(all x then all y), got {order!r}")
-    if "scheme" not in spec and "num_points" not in spec:
-        raise SpecError(f"{where}: give 'scheme' (300w68 | wflw98) or 'num_points' (68 | 98)")
-    try:
-        scheme = get_scheme(spec.get("scheme", spec.get("num_points")))
-    except KeyError as e:
-        raise SpecError(f"{where}: {e.args[0]}") from None
-    if "num_points" in spec and int(spec["num_points"]) != scheme.num_points:
-        raise SpecError(f"{where}: num_points {spec['num_points']} does not match scheme {scheme.name}")
-    spec["scheme"], spec["num_points"] = scheme.name, scheme.num_points
-    spec.setdefault("crop_scale", 1.2)
-    spec.setdefault("box_shift_y", 0.0)
-    spec.setdefault("precision", "fp32")
-    if spec["precision"] not in PRECISIONS:
-        raise SpecError(f"{where}: 'precision' must be one of {', '.join(PRECISIONS)}")
-    return spec
 
 
 def external_target(model_file: str | Path, spec_path: str | Path) -> Target:

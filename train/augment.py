@@ -56,8 +56,17 @@ def warp(image, points, m, size, scheme: Scheme, flipped: bool):
 def augment(image: np.ndarray, points: np.ndarray, scheme: Scheme, size: int,
             rng: np.random.Generator, cfg: AugmentConfig | None = None):
     """A random training crop: (uint8 BGR size x size crop, (K, 2) points in crop pixels)."""
+    crop, pts = augment_sets(image, {scheme.name: points}, {scheme.name: scheme}, size, rng, cfg)
+    return crop, pts[scheme.name]
+
+
+def augment_sets(image: np.ndarray, point_sets: dict[str, np.ndarray], schemes: dict[str, Scheme],
+                 size: int, rng: np.random.Generator, cfg: AugmentConfig | None = None):
+    """One random crop for a face labelled in several schemes: the affine comes from the
+    extent of the first set; every set moves with the pixels and is re-indexed on a flip with
+    its own scheme's mirror table. Returns (crop, {name: (K, 2) crop pixels})."""
     cfg = cfg or AugmentConfig()
-    x0, y0, x1, y1 = landmark_box(points)
+    x0, y0, x1, y1 = landmark_box(next(iter(point_sets.values())))
     ext = max(x1 - x0, y1 - y0)
     center = np.array([(x0 + x1) / 2 + rng.uniform(-cfg.shift_x, cfg.shift_x) * ext,
                        (y0 + y1) / 2 + rng.uniform(*cfg.shift_y) * ext])
@@ -65,9 +74,13 @@ def augment(image: np.ndarray, points: np.ndarray, scheme: Scheme, size: int,
     angle = rng.uniform(-cfg.rotate, cfg.rotate) if rng.random() < cfg.rotate_p else 0.0
     flip = bool(rng.random() < cfg.flip)
     m = crop_affine(center, side, size, angle, flip)
-    crop, pts = warp(image, points, m, size, scheme, flip)
-    crop = photometric(crop, rng, cfg)
-    return crop, pts
+    crop = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+    out = {}
+    for name, pts in point_sets.items():
+        q = apply_affine(np.asarray(pts, np.float64), m)
+        out[name] = schemes[name].flip_index(q) if flip else q
+    return photometric(crop, rng, cfg), out
 
 
 def photometric(crop: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig) -> np.ndarray:

@@ -24,7 +24,7 @@ from runtime.pose import head_pose
 from runtime.preprocess import Preprocess
 from runtime.schemes import Scheme, get_scheme
 from train import data as D
-from train.augment import AugmentConfig, augment
+from train.augment import AugmentConfig, augment_sets
 from train.loss import LOSSES
 from train.metrics import evaluate
 from train.model import PFLD, build, count_params
@@ -55,6 +55,17 @@ class TrainConfig:
     init: str | None = None              # start from these weights (fine-tuning); not a resume
     ema: float = 0.0                     # decay of an exponential moving average of the weights
                                          # (0: off); when on, the average is evaluated and saved
+    heads: tuple[str, ...] = ()          # point schemes with a head each, e.g. ("300w68",
+                                         # "wflw98"); empty: one head of the dataset's scheme
+    labels: tuple[str, ...] = ()         # teacher label files (train/run.py pseudo-label --out):
+                                         # ones for the training faces add their scheme's
+                                         # targets, others (a pool) add unlabelled faces
+    pool_68: str = "linear"              # 68-point targets of pool faces from teacher 98:
+                                         # none | index (98 -> 68 map) | linear (fitted map)
+    head_weights: tuple[float, ...] = () # loss weight per head (default 1 each)
+    disagreement_tau: float = 0.0        # per-point weight 1 / (1 + (d / tau)^2) from the
+                                         # teacher's flip disagreement d (0: off)
+    max_disagreement: float = 0.2        # drop pool faces whose mean flip disagreement is larger
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -95,20 +106,41 @@ def _parse_set(spec: str):
     return ds, split
 
 
-def make_batch(faces, idx, scheme: Scheme, pre: Preprocess, rng, aug: AugmentConfig):
+@dataclass
+class Item:
+    """One training face: its image and, per head (point scheme), the target points in image
+    pixels and per-point loss weights. A head the face has no labels for is absent."""
+    face: D.Face
+    targets: dict[str, np.ndarray]
+    weights: dict[str, np.ndarray]
+
+
+def make_batch(items: list[Item], idx, heads: list[str], pre: Preprocess, rng,
+               aug: AugmentConfig):
+    """Augmented batch: x (N,3,H,W), per head (y (N,2K), mask (N,), w (N,K)), pose, attributes.
+
+    The head-pose label comes from the first labelled head of each face (pose works for any
+    scheme)."""
     n = pre.input_size
-    crops, pts, poses, attrs = [], [], [], []
-    for i in idx:
-        f = faces[i]
-        c, p = augment(f.image(), f.points, scheme, n, rng, aug)
+    schemes = {h: get_scheme(h) for h in heads}
+    crops, poses, attrs = [], [], []
+    ys = {h: np.zeros((len(idx), 2 * schemes[h].num_points), np.float32) for h in heads}
+    ws = {h: np.zeros((len(idx), schemes[h].num_points), np.float32) for h in heads}
+    for r, i in enumerate(idx):
+        it = items[i]
+        c, pts = augment_sets(it.face.image(), it.targets, schemes, n, rng, aug)
         crops.append(c)
-        pts.append(p / n)
-        poses.append(np.radians(head_pose(p, scheme, (n, n))))
-        attrs.append(f.attributes)
+        for h, p in pts.items():
+            ys[h][r] = (p / n).reshape(-1)
+            ws[h][r] = it.weights[h]
+        ref = next(iter(pts))
+        poses.append(np.radians(head_pose(pts[ref], schemes[ref], (n, n))))
+        attrs.append(it.face.attributes)
     x = torch.from_numpy(pre.normalize(np.stack(crops)))
-    y = torch.from_numpy(np.stack(pts).reshape(len(idx), -1).astype(np.float32))
+    targets = {h: (torch.from_numpy(ys[h]), torch.from_numpy(ws[h].sum(1) > 0),
+                   torch.from_numpy(ws[h])) for h in heads}
     pose = torch.from_numpy(np.nan_to_num(np.stack(poses)).astype(np.float32))
-    return x, y, pose, torch.from_numpy(np.stack(attrs).astype(np.float32))
+    return x, targets, pose, torch.from_numpy(np.stack(attrs).astype(np.float32))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -163,11 +195,187 @@ class WeightAverage:
                 self.state[k].copy_(v)
 
 
-def torch_predictor(model):
+def torch_predictor(model, head: str | None = None):
+    """NCHW numpy batch -> (N, 2K) numpy points of one head (default: the only/first one)."""
     def predict(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            return model(torch.from_numpy(x)).numpy()
+            out = model.forward_heads(torch.from_numpy(x))
+            return out[head if head else next(iter(out))].numpy()
     return predict
+
+
+
+
+# -- a run, step by step -----------------------------------------------------------------------
+@dataclass
+class RunData:
+    heads: list[str]                       # head names (= point schemes), model output order
+    items: list[Item]                      # training faces
+    val: dict[str, tuple[list[D.Face], str]]   # held-out set -> (faces, head that scores it)
+    extra: dict[str, tuple[list[D.Face], str]]  # --eval-set sets, logged only
+    notes: dict = field(default_factory=dict)
+
+
+def _pool_faces(labels: dict, scheme: str) -> list[D.Face]:
+    return [D.Face(Path(p), pts, None, np.zeros(6, np.int64), p)
+            for p, pts in zip(labels["paths"], labels["points"])]
+
+
+def prepare_data(cfg: TrainConfig) -> RunData:
+    """Training items and held-out sets of a run: the labelled faces (hash hold-out), teacher
+    labels attached to them, and pool faces (their own hash hold-out, scored against the
+    teacher's labels)."""
+    from train.pointmap import PointMap
+    from train.pseudo_label import read_labels
+    own = SCHEME_OF[cfg.dataset]
+    heads = list(cfg.heads) or [own]
+    for h in heads:
+        get_scheme(h)
+    train_faces, val_faces = training_faces(cfg.dataset, cfg.train_split, cfg.data_root,
+                                            cfg.limit_faces, cfg.val_fraction)
+    if not train_faces:
+        raise D.DataError(f"{cfg.dataset}:{cfg.train_split} has no training faces "
+                          f"(all {len(val_faces)} went to the hold-out)")
+    k_own = get_scheme(own).num_points
+    items = [Item(f, {own: f.points}, {own: np.ones(k_own, np.float32)}) for f in train_faces]
+    by_path = {str(f.image_path): it for f, it in zip(train_faces, items)}
+    held = {str(f.image_path) for f in val_faces}
+    data = RunData(heads, [], {}, {})
+    if val_faces and own in heads:
+        data.val["val"] = (val_faces, own)
+    pools = []
+    for stem in cfg.labels:
+        lab = read_labels(stem)
+        scheme = lab["info"]["scheme"]
+        if scheme not in heads:
+            raise ValueError(f"labels {stem} are {scheme} points but the heads are {', '.join(heads)}")
+        w = _point_weights(lab["dis_flip"], cfg.disagreement_tau)
+        attached = 0
+        for p, pts, wp in zip(lab["paths"], lab["points"], w):
+            if p in by_path:
+                by_path[p].targets[scheme], by_path[p].weights[scheme] = pts, wp
+                attached += 1
+        if attached:
+            data.notes[stem] = f"{attached} training faces got {scheme} targets"
+            continue
+        pools.append((stem, lab, scheme, w))
+    pmap = None
+    if pools and own in heads and cfg.pool_68 != "none":
+        if cfg.pool_68 == "index":
+            pmap = PointMap.index(pools[0][2])
+        else:
+            paired = [it for it in items if len(it.targets) > 1 and pools[0][2] in it.targets]
+            if len(paired) < 10:
+                raise ValueError("--pool-68 linear needs teacher labels of the training faces "
+                                 "(a --labels file for them)")
+            pmap = PointMap.fit(np.stack([it.targets[pools[0][2]] for it in paired]),
+                                np.stack([it.targets[own] for it in paired]))
+    for stem, lab, scheme, w in pools:
+        keep = lab["dis_flip"].mean(1) <= cfg.max_disagreement
+        faces = [f for f, k in zip(_pool_faces(lab, scheme), keep) if k]
+        weights = {f.source: wp for f, wp in zip(_pool_faces(lab, scheme), w)}
+        tr, ho = split_holdout(faces, cfg.val_fraction)
+        for f in tr:
+            if f.source in held:
+                continue
+            t = {scheme: f.points}
+            wt = {scheme: weights[f.source]}
+            if pmap is not None:
+                t[own], wt[own] = pmap(f.points), np.ones(k_own, np.float32)
+            items.append(Item(f, t, wt))
+        if ho:
+            data.val[f"val_{Path(stem).name}"] = (ho, scheme)
+        data.notes[stem] = (f"{len(tr)} pool faces to train, {len(ho)} held out, "
+                            f"{int((~keep).sum())} dropped (disagreement > {cfg.max_disagreement})")
+    if pools and pmap is not None:
+        data.notes["pool_68"] = cfg.pool_68
+    for it in items:
+        it.targets = {h: it.targets[h] for h in heads if h in it.targets}
+        it.weights = {h: it.weights[h] for h in heads if h in it.weights}
+    data.items = [it for it in items if it.targets]
+    for spec in cfg.eval_sets:
+        ds, split = _parse_set(spec)
+        scheme = SCHEME_OF[ds]
+        data.extra[spec] = (D.load(ds, split), scheme if scheme in heads else heads[0])
+    return data
+
+
+def _point_weights(dis: np.ndarray, tau: float) -> np.ndarray:
+    if tau <= 0:
+        return np.ones(dis.shape, np.float32)
+    return (1.0 / (1.0 + (dis / tau) ** 2)).astype(np.float32)
+
+
+def build_model(cfg: TrainConfig, heads: list[str]) -> PFLD:
+    """The network of a run, from --init weights when given (across head layouts)."""
+    from train.model import load_partial
+    if len(heads) == 1 and not cfg.heads:
+        model = PFLD(get_scheme(heads[0]).num_points, cfg.width)
+    else:
+        model = PFLD(0, cfg.width, heads={h: get_scheme(h).num_points for h in heads})
+    if cfg.init:
+        init = load_checkpoint(cfg.init)
+        if init["arch"] == model.arch:
+            model.load_state_dict(init["model"])
+        else:
+            if float(init["arch"]["width"]) != cfg.width:
+                raise ValueError(f"--init {cfg.init} holds a width-{init['arch']['width']} PFLD, "
+                                 f"not width {cfg.width}")
+            fresh = load_partial(model, init["model"])
+            print(f"--init {cfg.init}: {init['arch']} -> {model.arch}; left at their initial "
+                  f"values: {', '.join(fresh) or 'none'}", flush=True)
+    return model.to(memory_format=torch.channels_last)
+
+
+def _schedule(opt, total: int, steps_per_epoch: int):
+    warm = min(steps_per_epoch, max(1, total // 10))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
+        0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
+
+
+def _batch_loss(cfg: TrainConfig, model, heads: list[str], x, targets, pose, attrs):
+    """Sum over heads of weight x loss on the faces labelled for that head, + the pose loss."""
+    preds, pose_pred = model(x.to(memory_format=torch.channels_last), with_pose=True)
+    if not isinstance(preds, tuple):
+        preds = (preds,)
+    loss_fn = LOSSES[cfg.loss]
+    hw = cfg.head_weights or (1.0,) * len(heads)
+    loss = torch.zeros(())
+    nme = 0.0
+    for h, w, pred in zip(heads, hw, preds):
+        y, mask, pw = targets[h]
+        if not mask.any():
+            continue
+        if cfg.loss == "pfld":
+            loss = loss + w * loss_fn(pred[mask], y[mask], pose_pred=pose_pred[mask],
+                                      pose_target=pose[mask], attributes=attrs[mask])
+        else:
+            loss = loss + w * loss_fn(pred[mask], y[mask], weights=pw[mask])
+        with torch.no_grad():
+            nme += float((pred.detach()[mask] - y[mask]).reshape(int(mask.sum()), -1, 2)
+                         .norm(dim=-1).mean())
+    if cfg.loss != "pfld":
+        loss = loss + cfg.pose_weight * (pose_pred - pose).abs().mean()
+    return loss, nme
+
+
+def _evaluate(model, data: RunData, pre: Preprocess) -> dict:
+    out = {}
+    for name, (faces, head) in {**data.val, **data.extra}.items():
+        ds_scheme = get_scheme(head if name.startswith("val") else
+                               SCHEME_OF[_parse_set(name)[0]])
+        key = head if model.head_points else None
+        r = evaluate(torch_predictor(model, key), faces, pre, get_scheme(head), ds_scheme,
+                     "landmarks")
+        out[name] = {k: v for k, v in r.items() if not k.startswith("_")}
+        out[name]["head"] = head
+    return out
+
+
+def _selection_metric(entry: dict, data: RunData) -> float:
+    """Mean held-out NME over the run's held-out sets (the training loss if there are none)."""
+    vals = [entry[k]["nme"] for k in data.val]
+    return float(np.mean(vals)) if vals else entry["loss"]
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -178,83 +386,42 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng([cfg.seed, rank])
     out = Path(cfg.out)
-    scheme = get_scheme(SCHEME_OF[cfg.dataset])
     pre = Preprocess()
 
-    train_faces, val_faces = training_faces(cfg.dataset, cfg.train_split, cfg.data_root,
-                                            cfg.limit_faces, cfg.val_fraction)
-    if not train_faces:
-        raise D.DataError(f"{cfg.dataset}:{cfg.train_split} has no training faces "
-                          f"(all {len(val_faces)} went to the hold-out)")
-    extra = {s: D.load(*_parse_set(s)) for s in cfg.eval_sets}
-    for f in train_faces:        # read every image now: a bad file fails before training
-        f.image()
+    data = prepare_data(cfg)
+    if rank == 0 and data.notes:
+        print(json.dumps({"data": data.notes, "train_items": len(data.items)}), flush=True)
+    for it in data.items:        # read every image now: a bad file fails before training
+        it.face.image()
 
-    model = PFLD(scheme.num_points, cfg.width).to(memory_format=torch.channels_last)
-    if cfg.init:
-        init = load_checkpoint(cfg.init)
-        if init["arch"] != {"num_points": scheme.num_points, "width": cfg.width, "input_size": 112}:
-            raise ValueError(f"--init {cfg.init} holds {init['arch']}, not a width-{cfg.width} "
-                             f"{scheme.num_points}-point PFLD")
-        model.load_state_dict(init["model"])
-    steps_per_epoch = steps_per_rank(len(train_faces), world, cfg.batch_size)
+    model = build_model(cfg, data.heads)
+    steps_per_epoch = steps_per_rank(len(data.items), world, cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = min(steps_per_epoch, max(1, total // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
-        0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
+    sched = _schedule(opt, total, steps_per_epoch)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     ema = WeightAverage(model, cfg.ema) if cfg.ema else None
-    evaluated = PFLD(scheme.num_points, cfg.width) if ema else model   # holds the average
-    loss_fn = LOSSES[cfg.loss]
+    evaluated = build(model.arch) if ema else model   # holds the average
 
     start_epoch, step, best, history = 0, 0, float("inf"), []
     last = out / "last.pt"
     if last.is_file():
-        ck = load_checkpoint(last)
-        if ck["arch"] != {"num_points": scheme.num_points, "width": cfg.width, "input_size": 112}:
-            raise ValueError(f"{last} holds a different architecture {ck['arch']}; "
-                             "use another --out or delete it")
-        if ema is not None and "train_model" not in ck:
-            raise ValueError(f"{last} was written without --ema; resume it without --ema "
-                             "or use another --out")
-        if ema is None and "train_model" in ck:
-            raise ValueError(f"{last} was written with --ema {ck['config'].get('ema')}; "
-                             "resume it with the same --ema")
-        model.load_state_dict(ck["train_model"] if ema else ck["model"])
-        if ema:
-            ema.state = {k: v.clone() for k, v in ck["model"].items()}
-            ema.updates = ck["step"]
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start_epoch, step, best, history = ck["epoch"], ck["step"], ck["best"], ck["history"]
-        torch.set_rng_state(ck["rng"]["torch"])
-        if world == 1:
-            rng.bit_generator.state = json.loads(ck["rng"]["numpy"])
-        else:   # other ranks' streams are not saved: re-seed them per epoch
-            rng = np.random.default_rng([cfg.seed, rank, start_epoch])
-        if rank == 0:
-            print(f"resumed from {last}: epoch {start_epoch}, step {step}", flush=True)
+        start_epoch, step, best, history, rng = _resume(last, cfg, model, ema, opt, sched, rng,
+                                                        rank, world)
 
     t_start = time.time() - (history[-1]["elapsed_s"] if history else 0.0)
-    log = out / "log.jsonl"
     entry = history[-1] if history else {}
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train_faces))
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(data.items))
         order = order[:len(order) // world * world][rank::world]   # equal steps on every rank
-        n_steps = steps_per_rank(len(train_faces), world, cfg.batch_size)
-        bar = tqdm(range(n_steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
                    disable=not cfg.progress or rank != 0, mininterval=1 if sys.stderr.isatty() else 30)
         sums = np.zeros(2)
         for b in bar:
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x, y, pose, attrs = make_batch(train_faces, idx, scheme, pre, rng, cfg.augment)
-            pred, pose_pred = ddp(x.to(memory_format=torch.channels_last), with_pose=True)
-            if cfg.loss == "pfld":
-                loss = loss_fn(pred, y, pose_pred=pose_pred, pose_target=pose, attributes=attrs)
-            else:
-                loss = loss_fn(pred, y) + cfg.pose_weight * (pose_pred - pose).abs().mean()
+            x, targets, pose, attrs = make_batch(data.items, idx, data.heads, pre, rng, cfg.augment)
+            loss, nme = _batch_loss(cfg, ddp, data.heads, x, targets, pose, attrs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -262,9 +429,7 @@ def train(cfg: TrainConfig) -> dict:
             if ema is not None:
                 ema.update(model)
             step += 1
-            with torch.no_grad():
-                nme_batch = (pred.detach() - y).reshape(len(idx), -1, 2).norm(dim=-1).mean()
-            sums += (float(loss.detach()), float(nme_batch))
+            sums += (float(loss.detach()), nme)
             bar.set_postfix(loss=f"{sums[0] / (b + 1):.4f}", refresh=False)
             if cfg.max_steps and step >= cfg.max_steps:
                 break
@@ -274,37 +439,66 @@ def train(cfg: TrainConfig) -> dict:
             if ema is not None:
                 evaluated.load_state_dict(ema.state)
             evaluated.eval()
-            pred_fn = torch_predictor(evaluated)
-            evals = {"val": (val_faces, scheme)} if val_faces else {}
-            evals.update({s: (fs, get_scheme(SCHEME_OF[_parse_set(s)[0]])) for s, fs in extra.items()})
-            for name, (fs, ds_scheme) in evals.items():
-                r = evaluate(pred_fn, fs, pre, scheme, ds_scheme, "landmarks")
-                entry[name] = {k: v for k, v in r.items() if not k.startswith("_")}
-            metric = entry["val"]["nme"] if "val" in entry else entry["loss"]
+            entry.update(_evaluate(evaluated, data, pre))
+            metric = _selection_metric(entry, data)
+            entry["selection_nme"] = metric
             history.append(entry)
             improved = metric < best
             best = min(best, metric)
-            state = {
-                "arch": {"num_points": scheme.num_points, "width": cfg.width, "input_size": 112},
-                "scheme": scheme.name, "preprocess": pre.to_meta(),
-                "model": evaluated.state_dict(),        # the weights that were scored
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "epoch": epoch + 1, "step": step, "best": best, "history": history,
-                "config": json.loads(json.dumps(asdict(cfg), default=str)),
-                "params": count_params(model),
-                "rng": {"torch": torch.get_rng_state(), "numpy": json.dumps(rng.bit_generator.state)},
-            }
-            if ema is not None:                           # the optimised weights, for resuming
-                state["train_model"] = model.state_dict()
-            out.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(last, state)
-            if improved:
-                save_checkpoint(out / "best.pt", state)
-            with open(log, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            print(json.dumps(entry), flush=True)
+            _save(out, cfg, model, evaluated, ema, opt, sched, epoch, step, best, history, rng,
+                  data, improved)
         if world > 1:
             dist.barrier()
         if cfg.max_steps and step >= cfg.max_steps:
             break
     return entry
+
+
+def _resume(last: Path, cfg, model, ema, opt, sched, rng, rank, world):
+    ck = load_checkpoint(last)
+    if ck["arch"] != model.arch:
+        raise ValueError(f"{last} holds a different architecture {ck['arch']}; "
+                         "use another --out or delete it")
+    if ema is not None and "train_model" not in ck:
+        raise ValueError(f"{last} was written without --ema; resume it without --ema "
+                         "or use another --out")
+    if ema is None and "train_model" in ck:
+        raise ValueError(f"{last} was written with --ema {ck['config'].get('ema')}; "
+                         "resume it with the same --ema")
+    model.load_state_dict(ck["train_model"] if ema else ck["model"])
+    if ema:
+        ema.state = {k: v.clone() for k, v in ck["model"].items()}
+        ema.updates = ck["step"]
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    if world == 1:
+        rng.bit_generator.state = json.loads(ck["rng"]["numpy"])
+    else:   # other ranks' streams are not saved: re-seed them per epoch
+        rng = np.random.default_rng([cfg.seed, rank, ck["epoch"]])
+    if rank == 0:
+        print(f"resumed from {last}: epoch {ck['epoch']}, step {ck['step']}", flush=True)
+    return ck["epoch"], ck["step"], ck["best"], ck["history"], rng
+
+
+def _save(out: Path, cfg, model, evaluated, ema, opt, sched, epoch, step, best, history, rng,
+          data: RunData, improved: bool) -> None:
+    state = {
+        "arch": model.arch, "scheme": data.heads[0], "heads": data.heads,
+        "preprocess": Preprocess().to_meta(),
+        "model": evaluated.state_dict(),        # the weights that were scored
+        "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "epoch": epoch + 1, "step": step, "best": best, "history": history,
+        "config": json.loads(json.dumps(asdict(cfg), default=str)),
+        "params": count_params(model),
+        "rng": {"torch": torch.get_rng_state(), "numpy": json.dumps(rng.bit_generator.state)},
+    }
+    if ema is not None:                           # the optimised weights, for resuming
+        state["train_model"] = model.state_dict()
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(out / "last.pt", state)
+    if improved:
+        save_checkpoint(out / "best.pt", state)
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(history[-1]) + "\n")
+    print(json.dumps(history[-1]), flush=True)

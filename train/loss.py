@@ -1,7 +1,8 @@
 """Landmark losses: PFLD (pose- and attribute-weighted squared L2), L1, L2 and Wing.
 
-All take predictions and targets as (N, 2K) crop-normalised coordinates. Every loss
-returns (loss_to_minimise, plain_l2_for_logging).
+All take predictions and targets as (N, 2K) crop-normalised coordinates; l1, l2 and wing
+also take optional per-point weights (N, K) (e.g. from a teacher's disagreement), which scale
+each point's term and are normalised so that all-ones weights give the unweighted loss.
 """
 from __future__ import annotations
 
@@ -10,19 +11,28 @@ import math
 import torch
 
 
-def l2(pred, target, **_):
-    return (pred - target).square().sum(1).mean()
+def _weighted(per_coord: torch.Tensor, weights) -> torch.Tensor:
+    """(N, 2K) per-coordinate terms -> (N,) per-face sums, each point scaled by its weight."""
+    if weights is None:
+        return per_coord.sum(1)
+    w = weights.repeat_interleave(2, dim=1)
+    return (per_coord * w).sum(1) * (w.shape[1] / w.sum(1).clamp_min(1e-6))
 
 
-def l1(pred, target, **_):
-    return (pred - target).abs().sum(1).mean()
+def l2(pred, target, weights=None, **_):
+    return _weighted((pred - target).square(), weights).mean()
 
 
-def wing(pred, target, w: float = 10.0, eps: float = 2.0, unit: float = 112.0, **_):
+def l1(pred, target, weights=None, **_):
+    return _weighted((pred - target).abs(), weights).mean()
+
+
+def wing(pred, target, w: float = 10.0, eps: float = 2.0, unit: float = 112.0, weights=None, **_):
     """Wing loss (Feng et al., CVPR 2018) on coordinates in pixels of a `unit`-pixel crop."""
     d = (pred - target).abs() * unit
     c = w - w * math.log(1 + w / eps)
-    return torch.where(d < w, w * torch.log1p(d / eps), d - c).mean(1).mean()
+    per = torch.where(d < w, w * torch.log1p(d / eps), d - c)
+    return (_weighted(per, weights) / per.shape[1]).mean()
 
 
 def pfld(pred, target, pose_pred=None, pose_target=None, attributes=None, **_):

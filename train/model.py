@@ -7,6 +7,10 @@ layer (seen: one HELEN face whose outputs left the image); ReLU6 bounds every la
 The auxiliary branch regresses head pose (yaw, pitch, roll) from the 4th block's features and
 is used only in training; `forward` returns points alone unless `with_pose=True`, so the
 exported graph has one output: (N, 2K) point coordinates in crop-normalised [0, 1] units.
+
+A multi-head PFLD (`heads={"300w68": 68, "wflw98": 98}`) shares the backbone and has one
+fully-connected head per point scheme; `forward` then returns one (N, 2K) tensor per head, in
+the order of `heads` (an exported graph has one output per head), and `forward_heads` a dict.
 """
 from __future__ import annotations
 
@@ -39,11 +43,13 @@ class InvertedResidual(nn.Module):
 
 
 class PFLD(nn.Module):
-    def __init__(self, num_points: int = 68, width: float = 1.0, input_size: int = 112):
+    def __init__(self, num_points: int = 68, width: float = 1.0, input_size: int = 112,
+                 heads: dict[str, int] | None = None):
         super().__init__()
         if input_size != 112:
             raise ValueError("PFLD's head assumes a 112 x 112 input")
         self.num_points, self.width = num_points, width
+        self.head_points = dict(heads) if heads else None
         c64, c128, c16, c32 = (_ch(c, width) for c in (64, 128, 16, 32))
         self.stem = nn.Sequential(conv_bn(3, c64, 3, 2), conv_bn(c64, c64, 3, 1, groups=c64))
         self.block4 = nn.Sequential(InvertedResidual(c64, c64, 2, 2),
@@ -54,30 +60,75 @@ class PFLD(nn.Module):
         self.s2 = conv_bn(c16, c32, 3, 2)                                                   # 7x7
         self.s3 = nn.Sequential(nn.Conv2d(c32, c128, 7, 1, 0), nn.BatchNorm2d(c128),
                                 nn.ReLU6(inplace=True))                                      # 1x1
-        self.fc = nn.Linear(c16 + c32 + c128, num_points * 2)
-        nn.init.constant_(self.fc.bias, 0.5)   # start from the crop centre, not the corner
+        if self.head_points:
+            self.heads = nn.ModuleDict({k: nn.Linear(c16 + c32 + c128, n * 2)
+                                        for k, n in self.head_points.items()})
+            for fc in self.heads.values():
+                nn.init.constant_(fc.bias, 0.5)
+        else:
+            self.fc = nn.Linear(c16 + c32 + c128, num_points * 2)
+            nn.init.constant_(self.fc.bias, 0.5)   # start from the crop centre, not the corner
         # auxiliary pose branch (training only)
         self.aux = nn.Sequential(conv_bn(c64, c128, 3, 2), conv_bn(c128, c128, 3, 1),
                                  conv_bn(c128, c32, 3, 2), conv_bn(c32, c128, 7, 1, p=1),
                                  nn.AdaptiveMaxPool2d(1), nn.Flatten(),
                                  nn.Linear(c128, 32), nn.Linear(32, 3))
 
-    def forward(self, x: torch.Tensor, with_pose: bool = False):
+    def _features(self, x: torch.Tensor):
         x = self.stem(x)
         f4 = self.block4(x)
         s1 = self.block5(f4)
         s2 = self.s2(s1)
         s3 = self.s3(s2)
-        feats = torch.cat([s1.mean((2, 3)), s2.mean((2, 3)), s3.flatten(1)], 1)
-        pts = self.fc(feats)
-        if with_pose:
-            return pts, self.aux(f4)
-        return pts
+        return torch.cat([s1.mean((2, 3)), s2.mean((2, 3)), s3.flatten(1)], 1), f4
+
+    def forward_heads(self, x: torch.Tensor, with_pose: bool = False):
+        """{head name: (N, 2K)} for every head (a single-head model: {"points": ...})."""
+        feats, f4 = self._features(x)
+        out = ({k: fc(feats) for k, fc in self.heads.items()} if self.head_points
+               else {"points": self.fc(feats)})
+        return (out, self.aux(f4)) if with_pose else out
+
+    def forward(self, x: torch.Tensor, with_pose: bool = False):
+        out, pose = self.forward_heads(x, with_pose=True)
+        pts = tuple(out.values()) if self.head_points else out["points"]
+        return (pts, pose) if with_pose else pts
+
+    @property
+    def arch(self) -> dict:
+        """The 'arch' dict a checkpoint stores; build(arch) makes the same network."""
+        a = {"width": self.width, "input_size": 112}
+        if self.head_points:
+            return {"heads": dict(self.head_points), **a}
+        return {"num_points": self.num_points, **a}
 
 
 def build(arch: dict) -> PFLD:
     """Model from the 'arch' dict stored in every checkpoint."""
-    return PFLD(int(arch["num_points"]), float(arch["width"]), int(arch.get("input_size", 112)))
+    heads = arch.get("heads")
+    return PFLD(int(arch.get("num_points", 0) or 68), float(arch["width"]),
+                int(arch.get("input_size", 112)), {k: int(v) for k, v in heads.items()} if heads else None)
+
+
+def head_names(arch: dict) -> list[str]:
+    """The output names of a network: one per head, or ["points"]."""
+    return list(arch["heads"]) if arch.get("heads") else ["points"]
+
+
+def load_partial(model: PFLD, state: dict) -> list[str]:
+    """Load the tensors of `state` that fit `model` (fine-tuning across head layouts): the
+    backbone and pose branch always, a single-head model's fc into a head of the same size.
+    Returns the names of the model's tensors left at their initial values."""
+    own = model.state_dict()
+    src = dict(state)
+    if model.head_points and "fc.weight" in src:
+        for k, n in model.head_points.items():
+            if src["fc.weight"].shape[0] == 2 * n:
+                src[f"heads.{k}.weight"], src[f"heads.{k}.bias"] = src["fc.weight"], src["fc.bias"]
+                break
+    fit = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(fit, strict=False)
+    return [k for k in own if k not in fit]
 
 
 def count_params(model: nn.Module, inference_only: bool = True) -> int:

@@ -49,10 +49,19 @@ def cli():
 @click.option("--aug-scale", nargs=2, type=float, default=DEFAULTS.augment.scale, show_default=True, help="crop side / landmark-extent side, min max")
 @click.option("--aug-rotate", default=DEFAULTS.augment.rotate, show_default=True, help="max rotation, degrees")
 @click.option("--aug-occlude", default=DEFAULTS.augment.occlude_p, show_default=True, help="probability of a random occluder")
-def fit(aug_scale, aug_rotate, aug_occlude, **kw):
+@click.option("--heads", default="", help="comma list of point schemes with a head each, e.g. 300w68,wflw98 [default: one head of the dataset's scheme]")
+@click.option("--labels", "labels", multiple=True, help="teacher label file stem from `pseudo-label` (repeatable): for the training faces, or a pool of extra faces")
+@click.option("--pool-68", type=click.Choice(["none", "index", "linear"]), default=DEFAULTS.pool_68, show_default=True, help="68-point targets of pool faces: none, the 98 -> 68 index map, or a linear map fitted on the training faces")
+@click.option("--head-weights", default="", help="comma list of loss weights, one per head [default: 1 each]")
+@click.option("--disagreement-tau", default=DEFAULTS.disagreement_tau, show_default=True, help="per-point weight 1/(1+(d/tau)^2) from the teacher's flip disagreement (0: off)")
+@click.option("--max-disagreement", default=DEFAULTS.max_disagreement, show_default=True, help="drop pool faces whose mean flip disagreement (x eye distance) is larger")
+def fit(aug_scale, aug_rotate, aug_occlude, heads, head_weights, **kw):
     """Train; each epoch writes last.pt (and best.pt on a better held-out NME) atomically."""
     kw["width"] = float(kw["width"])
     kw["eval_sets"] = tuple(kw["eval_sets"])
+    kw["labels"] = tuple(kw["labels"])
+    kw["heads"] = tuple(h.strip() for h in heads.split(",") if h.strip())
+    kw["head_weights"] = tuple(float(w) for w in head_weights.split(",") if w.strip())
     aug = AugmentConfig(scale=tuple(aug_scale), rotate=aug_rotate, occlude_p=aug_occlude)
     cfg = TrainConfig(augment=aug, **kw)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -81,6 +90,39 @@ def evaluate(checkpoint, wflw, w300, w300_split, out):
     from train.evaluate import evaluate_checkpoint
     res = evaluate_checkpoint(checkpoint, wflw, w300, w300_split, out)
     click.echo(json.dumps(res, indent=2))
+
+
+@cli.command("pseudo-label")
+@click.option("--teacher", required=True, type=click.Path(exists=True),
+              help="teacher: a bundle folder, or a model file with --teacher-spec")
+@click.option("--teacher-spec", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="spec JSON of a teacher model file (e.g. specs/pfld_ghostone.json)")
+@click.option("--engine", default=None, help="engine to run the teacher with [default: the bundle's / by suffix]")
+@click.option("--images", required=True,
+              help="a pool folder with faces.tsv (e.g. ../shared/wider_unlabeled) or DATASET:SPLIT (e.g. 300w:train)")
+@click.option("--detector", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="the detector ONNX that made the pool's boxes (YuNet), for the box -> crop rule")
+@click.option("--data-root", default=None, help="300-W root for the box-rule fit / a DATASET:SPLIT")
+@click.option("--no-flip", is_flag=True, help="skip the flipped pass")
+@click.option("--out", required=True, help="label file stem: writes OUT.npz and OUT.json (reused when the key matches)")
+def pseudo_label_cmd(teacher, teacher_spec, engine, images, detector, data_root, no_flip, out):
+    """98-point teacher labels (3 passes: box crop, own-points crop, flipped) with per-point
+    disagreement, cached atomically and keyed by the teacher's sha256 and the settings."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from train.pseudo_label import LabelError, load_teacher, pseudo_label
+    try:
+        t = load_teacher(teacher, teacher_spec, engine)
+        with tqdm(desc="labelling", unit="face", file=sys.stderr) as bar:
+            res = pseudo_label(t, images, out, detector, data_root, not no_flip,
+                               progress=bar.update, log=click.echo)
+    except LabelError as e:
+        raise click.ClickException(str(e)) from None
+    d = res["dis_flip"].mean(1)
+    click.echo(json.dumps({"faces": len(res["paths"]), "reused": res["reused"], "out": out,
+                           "flip_disagreement_median": float(np.median(d)),
+                           "flip_disagreement_p95": float(np.percentile(d, 95))}))
 
 
 if __name__ == "__main__":
