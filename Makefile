@@ -10,11 +10,14 @@ THREADS ?= 1,2
 all: venv export quantize benchmark gate
 
 venv: .venv/.installed
-.venv/.installed: requirements.txt
+.venv/.installed: requirements.txt pyproject.toml
 	python3 -m venv .venv
 	# torch first and pinned: the local CPU wheel, not several GB of CUDA packages
 	.venv/bin/pip install --quiet torch==2.13.0
 	.venv/bin/pip install --quiet -r requirements.txt
+	# the repository's packages, importable from anywhere (pyproject.toml); no build isolation:
+	# the venv's own setuptools builds it, nothing else is fetched
+	.venv/bin/pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
 export: venv

@@ -1,6 +1,6 @@
 """Benchmark stage: latency, size, memory, accuracy and drift of every deployment target.
 
-Importing the package registers the torch reference engine ("torch") in
-runtime.engines.ENGINES, so the CLI, the planner and the worker all see one registry.
+The torch reference engine lives here (benchmark.torch_engine) and is added to the runtime's
+engines only in the benchmark's own view of them (`bench_engines()`): importing the package
+changes nothing in runtime.engines.ENGINES, the registry a device uses.
 """
-from benchmark.torch_engine import TorchEngine  # noqa: F401  (registers "torch")

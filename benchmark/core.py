@@ -5,12 +5,14 @@ rendered to results.md and plots (benchmark/report.py).
     from benchmark.core import BenchConfig, run
     records = run(BenchConfig(backends=("openvino",), threads=(1,)))
 
-Targets come from the registry runtime.engines.ENGINES (the torch reference is registered by
-benchmark/torch_engine.py): every bundle under --bundles whose meta.json names a selected engine
-and precision, the torch checkpoint, and any external models. The torch FP32 row on CPU at the
-first thread count is always run first: it is the reference that drift is measured against.
-A missing engine, device, bundle or checkpoint is a "skipped" row with the reason; a failure is
-an "error" row with the message; the run always continues.
+Targets come from the engine registry (runtime.engines.ENGINES plus the torch reference,
+benchmark.torch_engine.bench_engines()): every bundle under each --bundles folder (one folder a
+model: ours, imported ones) whose meta.json names a selected engine and precision, the torch
+checkpoint, and any external model files. Each model's reference row runs first among its rows:
+the torch FP32 row when --checkpoint is the model's own checkpoint, else the model's own FP32
+bundle (onnx_sim_fp32, onnx_fp32, tflite_fp32 or openvino_fp32 at f32, the first present);
+drift is measured against it. A missing engine, device, bundle or checkpoint is a "skipped" row
+with the reason; a failure is an "error" row with the message; the run always continues.
 """
 from __future__ import annotations
 
@@ -26,15 +28,16 @@ from pathlib import Path
 from typing import Callable
 
 from benchmark import records as R
-from benchmark.measure import load_sets
-from benchmark.targets import PRECISIONS, Target, checkpoint_target, discover_bundles, external_target
-from runtime.bundle import atomic_write_json
-from runtime.engines import ENGINES
+from benchmark.measure import EVAL_SETS, load_sets
+from benchmark.targets import Target, checkpoint_target, discover_bundles, external_target
+from benchmark.torch_engine import bench_engines
+from runtime.bundle import PRECISIONS, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLES = "artifacts/pfld68_w05"
 DEFAULT_CHECKPOINT = "models/pfld68_w05.pt"
 EXEC_PRECISIONS = ("default", "f32")   # "default": the device's own choice (bf16 on this CPU)
+REFERENCE_STAGES = ("onnx_sim_fp32", "onnx_fp32", "tflite_fp32", "openvino_fp32")
 
 
 class PlanError(ValueError):
@@ -48,10 +51,11 @@ class BenchConfig:
     threads: tuple[int, ...] = (1, 2)
     devices: tuple[str, ...] = ("CPU",)
     exec_precisions: tuple[str, ...] = EXEC_PRECISIONS   # for engines that take a precision hint
-    bundles: str = DEFAULT_BUNDLES
-    checkpoint: str = DEFAULT_CHECKPOINT
-    out: str | None = None                # default: <bundles>/benchmark
-    wflw: str | None = None               # default: train.data.default_root("wflw")
+    bundles: tuple[str, ...] = (DEFAULT_BUNDLES,)   # one folder of bundles per model
+    checkpoint: str | None = DEFAULT_CHECKPOINT    # torch FP32 reference of the model it made
+    eval_sets: tuple[str, ...] = EVAL_SETS        # evaluation.sets keys (SET/PROTOCOL)
+    out: str | None = None                # default: <first bundles folder>/benchmark
+    wflw: str | None = None               # default: evaluation.data.default_root("wflw")
     w300: str | None = None
     max_faces: int = 0                    # 0: every face of each evaluation set
     warmup: int = 20
@@ -65,9 +69,13 @@ class BenchConfig:
     # thread count of each (target, device, execution precision) and copied to the others
     accuracy_all_threads: bool = False
 
+    def __post_init__(self):
+        if isinstance(self.bundles, (str, Path)):     # one model: a plain folder is fine
+            self.bundles = (str(self.bundles),)
+
     @property
     def out_dir(self) -> Path:
-        return Path(self.out) if self.out else Path(self.bundles) / "benchmark"
+        return Path(self.out) if self.out else Path(self.bundles[0]) / "benchmark"
 
 
 @dataclass
@@ -96,28 +104,29 @@ class Row:
 
 
 def selected_backends(names) -> list[str]:
-    names = list(names)
+    names, engines = list(names), bench_engines()
     if "all" in names:
-        return list(ENGINES)
-    unknown = [n for n in names if n not in ENGINES]
+        return list(engines)
+    unknown = [n for n in names if n not in engines]
     if unknown:
-        raise PlanError(f"unknown backend {', '.join(unknown)}; known: {', '.join(ENGINES)}, all")
+        raise PlanError(f"unknown backend {', '.join(unknown)}; known: {', '.join(engines)}, all")
     return names
 
 
 def _hints(cls, cfg: BenchConfig) -> tuple[str, ...]:
     # only engines that can report/pin an execution precision get one row per hint
-    return tuple(cfg.exec_precisions) if hasattr(cls, "execution_precision") else ("default",)
+    return tuple(cfg.exec_precisions) if cls.reports_precision else ("default",)
 
 
 def _expand(t: Target, cfg: BenchConfig, devices=None, threads=None, hints=None, role="") -> list[Row]:
     devices = devices or cfg.devices
     if t.reason:   # cannot be loaded at all: one row, not one per thread count
         return [Row(t, devices[0], None, "default", t.status, t.reason, role)]
-    cls = ENGINES.get(t.backend)
+    cls = bench_engines().get(t.backend)
     if cls is None:
         return [Row(t, devices[0], None, "default", "skipped",
-                    f"{t.name}: engine {t.backend!r} is not registered (known: {', '.join(ENGINES)})", role)]
+                    f"{t.name}: engine {t.backend!r} is not registered "
+                    f"(known: {', '.join(bench_engines())})", role)]
     ok, why = cls.available()
     if not ok:
         return [Row(t, devices[0], None, "default", "skipped", why, role)]
@@ -125,44 +134,77 @@ def _expand(t: Target, cfg: BenchConfig, devices=None, threads=None, hints=None,
             for n in (threads or cfg.threads)]
 
 
+def _reference(pool: list[Target], ck: Target | None, cfg: BenchConfig) -> list[Row]:
+    """The reference row of one model: its torch checkpoint, else its own FP32 bundle."""
+    if ck is not None:
+        return _expand(ck, cfg, devices=["CPU"], threads=[cfg.threads[0]], hints=["default"],
+                       role="reference")
+    for stage in REFERENCE_STAGES:
+        t = next((t for t in pool if t.name == stage and not t.reason), None)
+        if t is not None:
+            hint = "f32" if bench_engines()[t.backend].reports_precision else "default"
+            return _expand(t, cfg, devices=["CPU"], threads=[cfg.threads[0]], hints=[hint],
+                           role="reference")
+    return []
+
+
 def plan(cfg: BenchConfig) -> list[Row]:
-    """Every row of the run, the torch reference first."""
+    """Every row of the run; each model's reference row first among its rows."""
     if not cfg.threads or any(t < 1 for t in cfg.threads):
         raise PlanError(f"threads must be positive integers, got {cfg.threads}")
     bad = [p for p in cfg.precisions if p not in PRECISIONS]
     if bad:
         raise PlanError(f"unknown precision {', '.join(bad)}; known: {', '.join(PRECISIONS)}")
     backends = selected_backends(cfg.backends)
-    model = Path(cfg.bundles).name
-    ref = checkpoint_target(cfg.checkpoint, model)
-    pool = discover_bundles(cfg.bundles, model) + [ref]
-    rows = _expand(ref, cfg, devices=["CPU"], threads=[cfg.threads[0]], hints=["default"],
-                   role="reference")
-    have = {r.id for r in rows}
-    for backend in backends:
-        cls = ENGINES[backend]
-        for precision in cfg.precisions:
-            if precision not in getattr(cls, "precisions", PRECISIONS):
-                continue
-            found = [t for t in pool if t.backend == backend and t.precision == precision]
-            if not found:
-                names = ", ".join(t.name for t in pool if t.kind == "bundle") or "none"
-                found = [Target(model, f"{backend}_{precision}", backend, precision, "missing",
-                                reason=f"no {backend} {precision} bundle under {cfg.bundles} "
-                                       f"(bundles there: {names}); run `make export` / `make quantize`")]
-            for t in found:
-                for r in _expand(t, cfg):
-                    if r.id not in have:
-                        rows.append(r)
-                        have.add(r.id)
-    for t in pool:   # a bundle whose meta.json cannot be read names no engine: show it anyway
-        if t.status == "error" and t.backend not in ENGINES:
-            rows += [r for r in _expand(t, cfg) if r.id not in have]
-    for model_file, spec in cfg.externals:
-        for r in _expand(external_target(model_file, spec), cfg):
+    names = [Path(b).name for b in cfg.bundles]
+    if len(set(names)) != len(names):
+        raise PlanError(f"two --bundles folders share a name ({', '.join(names)}); rows are "
+                        "named by folder")
+    pools = {Path(b).name: discover_bundles(b) for b in cfg.bundles}
+    owner = None
+    if cfg.checkpoint:
+        ck = checkpoint_target(cfg.checkpoint, names[0])
+        shas = {m: {t.root_sha for t in pool} for m, pool in pools.items()}
+        owner = next((m for m in names if ck.meta is not None and ck.root_sha in shas[m]),
+                     names[0] if len(names) == 1 else None)
+        if owner is None:      # nobody's checkpoint: its own model, with its own name
+            owner = Path(cfg.checkpoint).stem
+            pools[owner] = []
+        ck.model = owner
+    rows: list[Row] = []
+    have: set[str] = set()
+
+    def add(new):
+        for r in new:
             if r.id not in have:
                 rows.append(r)
                 have.add(r.id)
+
+    for model, bundles in pools.items():
+        pool = bundles + ([ck] if model == owner else [])
+        add(_reference(pool, ck if model == owner else None, cfg))
+        if model not in names:       # a checkpoint no bundles folder came from: its row only
+            continue
+        folder = next((b for b in cfg.bundles if Path(b).name == model), model)
+        for backend in backends:
+            cls = bench_engines()[backend]
+            for precision in cfg.precisions:
+                if precision not in getattr(cls, "precisions", PRECISIONS):
+                    continue
+                found = [t for t in pool if t.backend == backend and t.precision == precision]
+                if not found:
+                    have_names = ", ".join(t.name for t in pool if t.kind == "bundle") or "none"
+                    found = [Target(model, f"{backend}_{precision}", backend, precision, "missing",
+                                    reason=f"no {backend} {precision} bundle under {folder} "
+                                           f"(bundles there: {have_names}); run `make export` / "
+                                           "`make quantize`")]
+                for t in found:
+                    add(_expand(t, cfg))
+        for t in pool:   # a bundle whose meta.json cannot be read names no engine: show it anyway
+            if t.status == "error" and t.backend not in bench_engines():
+                add(_expand(t, cfg))
+    for model_file, spec in cfg.externals:
+        add(_expand(external_target(model_file, spec), cfg))
     return rows
 
 
@@ -180,9 +222,9 @@ def _engine_ref(cls) -> dict | None:
 
 def _job(row: Row, cfg: BenchConfig, arrays_out: Path) -> dict:
     t = row.target
-    return {"id": row.id, "engine": t.backend, "engine_ref": _engine_ref(ENGINES[t.backend]),
-            "path": str(Path(t.path).resolve()), "meta": {k: v for k, v in t.meta.items() if k != "_dir"},
-            "adapter": t.adapter, "threads": row.threads,
+    return {"id": row.id, "engine": t.backend, "engine_ref": _engine_ref(bench_engines()[t.backend]),
+            "path": str(Path(t.path).resolve()), "meta": t.meta.to_dict(),
+            "eval_sets": list(cfg.eval_sets), "threads": row.threads,
             "device": None if row.device.upper() == "CPU" else row.device,
             "hint": None if row.hint == "default" else row.hint,
             "warmup": cfg.warmup, "runs": cfg.runs, "batch": cfg.batch, "max_seconds": cfg.max_seconds,
@@ -220,6 +262,7 @@ def run_isolated(job: dict, work: Path, log: Path, timeout_s: float) -> dict:
 def make_record(row: Row, res: dict, run_id: str, host: dict) -> dict:
     t = row.target
     meta = t.meta
+    lin = meta.lineage if meta is not None else None
     mem = res.get("memory") or {}
     return {
         "schema": R.SCHEMA, "id": row.id, "run_id": run_id, "created": R.now(),
@@ -235,10 +278,13 @@ def make_record(row: Row, res: dict, run_id: str, host: dict) -> dict:
         "accuracy": {k: R.accuracy_entry(v) for k, v in (res.get("accuracy") or {}).items()},
         "eval_batch": res.get("eval_batch"), "drift": None, "drift_reason": "",
         "engine": res.get("engine"),
-        "source": {"path": str(t.path) if t.path else None, "stage": meta.get("stage"),
-                   "source_checkpoint": meta.get("source_checkpoint"), "spec": meta.get("spec"),
-                   "scheme": meta.get("scheme"), "preprocess": meta.get("preprocess"),
-                   "adapter": t.adapter or None},
+        "source": {"path": str(t.path) if t.path else None,
+                   "stage": lin.stage if lin else None,
+                   "source_checkpoint": lin.source_checkpoint if lin else None,
+                   "source_model": lin.source_model if lin else None,
+                   "outputs": [o.scheme for o in meta.outputs] if meta else None,
+                   "scheme": meta.scheme if meta else None,
+                   "preprocess": meta.preprocess.to_meta() if meta else None},
         "host": R.host_string(host), "host_info": host,
         "wall_s": res.get("wall_s"), "accuracy_s": res.get("accuracy_s"),
         "traceback": res.get("traceback"),
@@ -263,7 +309,7 @@ def _summary(rec: dict) -> str:
     return "  ".join(parts)
 
 
-def _score(row: Row, rec: dict, arrays: dict, scored: dict, ref, rec_dir: Path) -> dict:
+def _score(row: Row, rec: dict, arrays: dict, scored: dict, refs: dict, rec_dir: Path) -> dict:
     """Fill accuracy (own, or the sibling row's), drift against the reference and the per-face
     NME file of a record; returns the row's per-face arrays."""
     import numpy as np
@@ -284,16 +330,18 @@ def _score(row: Row, rec: dict, arrays: dict, scored: dict, ref, rec_dir: Path) 
         os.replace(tmp, rec_dir / f"{row.id}.npz")
         rec["nme_file"] = f"{row.id}.npz"
         scored.setdefault(row.sibling_key, (rec, arrays))
+    ref = refs.get(row.target.model)
     if row.role == "reference":
         rec["drift_reason"] = "this row is the reference"
     elif row.target.kind == "external":
         rec["drift_reason"] = "external model: not derived from the reference checkpoint"
     elif ref is None:
-        rec["drift_reason"] = "no torch FP32 reference in this run (see the reference row)"
+        rec["drift_reason"] = "no FP32 reference row of this model in this run (see the reference row)"
     elif not arrays:
         rec["drift_reason"] = "no accuracy measured for this row"
     else:
         rec["drift"] = R.drift(arrays, ref[1], rec["accuracy"], ref[0]["accuracy"])
+        rec["drift"]["reference_bundle"] = ref[0]["bundle"]
         rec["drift"]["reference"] = ref[0]["id"]
     return arrays
 
@@ -301,7 +349,7 @@ def _score(row: Row, rec: dict, arrays: dict, scored: dict, ref, rec_dir: Path) 
 def run(cfg: BenchConfig, echo: Callable[[str], None] = print) -> list[dict]:
     """Run every planned row and write records, run.json, results.md and plots under cfg.out_dir."""
     t_run = time.perf_counter()
-    load_sets(cfg.wflw, cfg.w300, cfg.max_faces)   # bad data roots fail here, before any row
+    load_sets(cfg.eval_sets, cfg.wflw, cfg.w300, cfg.max_faces)   # bad data fails before any row
     rows = plan(cfg)
     out = cfg.out_dir
     rec_dir, log_dir = out / "records", out / "logs"
@@ -318,7 +366,7 @@ def run(cfg: BenchConfig, echo: Callable[[str], None] = print) -> list[dict]:
     atomic_write_json(out / "run.json", manifest)
     echo(f"benchmark {run_id}: {len(rows)} rows -> {out}")
     echo(f"host: {manifest['host']}")
-    records, ref, scored = [], None, {}
+    records, refs, scored = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
         for i, row in enumerate(rows, 1):
@@ -330,9 +378,9 @@ def run(cfg: BenchConfig, echo: Callable[[str], None] = print) -> list[dict]:
                 res = run_isolated(_job(row, cfg, arrays_out), work, log_dir / f"{row.id}.log",
                                    cfg.timeout_s)
             rec = make_record(row, res, run_id, host)
-            arrays = _score(row, rec, R.load_arrays(arrays_out), scored, ref, rec_dir)
-            if row.role == "reference":
-                ref = (rec, arrays) if rec["status"] == "ok" else None
+            arrays = _score(row, rec, R.load_arrays(arrays_out), scored, refs, rec_dir)
+            if row.role == "reference" and rec["status"] == "ok":
+                refs[row.target.model] = (rec, arrays)
             R.write_record(rec_dir, rec)
             manifest["records"].append(f"{row.id}.json")
             atomic_write_json(out / "run.json", manifest)

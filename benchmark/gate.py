@@ -18,11 +18,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import click  # noqa: E402
+import click
 
-from benchmark.records import RecordError, label, load_run  # noqa: E402
+from benchmark.records import RecordError, label, load_run
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_GATES = HERE / "gates.json"

@@ -35,27 +35,28 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import atomic_write_json
-from runtime.engines import ENGINES, EngineUnavailable, get_engine, register
-from runtime.preprocess import Preprocess
+from benchmark.torch_engine import bench_engines
+from common import time_calls
+from evaluation.metrics import evaluate, face_batch, face_box
+from evaluation.sets import ScoredSet, scored_sets, scorings
+from runtime.bundle import BundleMeta, atomic_write_json
+from runtime.decode import Landmarker
+from runtime.engines import ENGINES, EngineUnavailable, register
 from runtime.schemes import get_scheme
-from train import data as D
-from train.metrics import evaluate, face_batch, face_box
 
-# The evaluation sets: (set, crop protocol). The WFLW faces are the evaluation part of
-# train.data.calibration_split, disjoint from the faces INT8 calibration sees.
-EVAL_SETS = (("wflw:eval", "rect"), ("wflw:eval", "landmarks"), ("300w:helen_test", "landmarks"))
-SET_SCHEMES = {"wflw:eval": "wflw98", "300w:helen_test": "300w68"}
+# The default evaluation sets (evaluation.sets keys). The WFLW faces are the evaluation part of
+# evaluation.data.calibration_split, disjoint from the faces INT8 calibration sees.
+EVAL_SETS = ("wflw:eval/rect", "wflw:eval/landmarks", "300w:helen_test/landmarks")
 EVAL_BATCH = 32
 BATCH_CHECK_TOL = 0.02   # crop units (~2 px at 112): batch-N output must match batch-1 output
 
 
-def load_sets(wflw=None, w300=None, max_faces: int = 0) -> dict[str, list[D.Face]]:
-    """Faces of every evaluation set (annotations only; images are read lazily)."""
-    sets = {"wflw:eval": D.calibration_split(D.load_wflw(wflw, "test"))[1],
-            "300w:helen_test": D.load_300w(w300, "helen_test")}
+def load_sets(keys=EVAL_SETS, wflw=None, w300=None, max_faces: int = 0) -> list[ScoredSet]:
+    """Every scored set (annotations read; images are read lazily)."""
+    sets = scored_sets(keys, {"wflw": wflw, "300w": w300})
     if max_faces:
-        sets = {k: v[:max_faces] for k, v in sets.items()}
+        for s in sets:
+            s._faces = s.faces()[:max_faces]
     return sets
 
 
@@ -97,31 +98,6 @@ def peak_mb() -> float:
 
 
 # -- timing ------------------------------------------------------------------------------------
-MIN_RUNS = 10   # a time cap never cuts a measurement below this many runs
-
-
-def time_calls(fn, x, warmup: int, runs: int, max_s: float | None = None) -> dict:
-    """Median/p90/mean/min of `runs` timed calls after `warmup` untimed ones (milliseconds).
-
-    With `max_s`, timing stops once that many seconds are spent (after at least MIN_RUNS
-    runs), so a pathologically slow row (e.g. an oversubscribed machine) cannot stall a run;
-    the record then says how many runs were actually timed.
-    """
-    for _ in range(warmup):
-        fn(x)
-    ts, start = [], time.perf_counter()
-    for i in range(runs):
-        t0 = time.perf_counter_ns()
-        fn(x)
-        ts.append((time.perf_counter_ns() - t0) / 1e6)
-        if max_s is not None and i + 1 >= MIN_RUNS and time.perf_counter() - start > max_s:
-            break
-    ts = np.array(ts)
-    return {"median_ms": float(np.median(ts)), "p90_ms": float(np.percentile(ts, 90)),
-            "mean_ms": float(ts.mean()), "min_ms": float(ts.min()), "warmup": warmup,
-            "runs": len(ts), "runs_requested": runs, "capped_by_time": len(ts) < runs}
-
-
 def short_precision(text: str) -> str:
     """OpenVINO's "<Type: 'bfloat16'>" -> "bf16"."""
     m = re.search(r"'(\w+)'", str(text))
@@ -133,7 +109,6 @@ def short_precision(text: str) -> str:
 def resolve_engine(job: dict):
     """The engine class of a job; engines registered outside runtime/ (plugins, tests) are
     imported from the module that defined them, so they run in the worker too."""
-    import benchmark  # noqa: F401  registers the torch reference
     name, ref = job["engine"], job.get("engine_ref") or {}
     if name not in ENGINES and ref:
         try:
@@ -148,33 +123,10 @@ def resolve_engine(job: dict):
             obj = getattr(obj, part)
         if name not in ENGINES:
             register(obj)
-    return get_engine(name)
-
-
-def adapt(engine, adapter: dict, num_points: int):
-    """Wrap an engine so it takes NCHW float32 and returns crop-normalised [0, 1] x,y pairs.
-
-    Our bundles need nothing; external models may want NHWC input or give pixels, [-1, 1]
-    or all-x-then-all-y outputs (their spec says which).
-    """
-    nhwc = adapter.get("layout") == "NHWC" and not hasattr(engine, "nhwc")  # LiteRT transposes itself
-    scale = float(adapter.get("output_scale", 1.0))
-    offset = float(adapter.get("output_offset", 0.0))
-    xxyy = adapter.get("output_order") == "xxyy"
-    identity = not nhwc and scale == 1.0 and offset == 0.0 and not xxyy
-
-    def predict(x):
-        y = engine(np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if nhwc else x)
-        y = np.asarray(y, np.float32).reshape(len(x), -1)
-        if y.shape[1] != 2 * num_points:
-            raise ValueError(f"model output has {y.shape[1]} values per face, expected "
-                             f"{2 * num_points} ({num_points} points); check the spec/meta")
-        if identity:
-            return y
-        if xxyy:
-            y = y.reshape(len(y), 2, num_points).transpose(0, 2, 1).reshape(len(y), -1)
-        return y * scale + offset
-    return predict
+    engines = bench_engines()
+    if name not in engines:
+        raise KeyError(f"unknown engine {name!r}; known: {', '.join(engines)}")
+    return engines[name]
 
 
 # -- one row -------------------------------------------------------------------------------------
@@ -184,11 +136,12 @@ def run_job(job: dict) -> dict:
     t_start = time.perf_counter()
     try:
         cls = resolve_engine(job)
-        meta = job["meta"]
-        pre = Preprocess.from_meta(meta)
-        model_scheme = get_scheme(meta["scheme"])
-        sets = load_sets(job["wflw"], job["w300"], job.get("max_faces", 0))
-        timing_faces = (sets["wflw:eval"] or sets["300w:helen_test"])[:max(1, job["batch"])]
+        meta = BundleMeta.from_dict(job["meta"], f"job {job['id']}")
+        meta.folder = Path(job["path"]).parent
+        pre = meta.preprocess
+        sets = load_sets(job.get("eval_sets") or EVAL_SETS, job["wflw"], job["w300"],
+                         job.get("max_faces", 0))
+        timing_faces = next(s.faces() for s in sets if s.faces())[:max(1, job["batch"])]
         x_n = face_batch(timing_faces, pre, "rect" if timing_faces[0].rect is not None else "landmarks")
         x_1 = x_n[:1]
         img = timing_faces[0].image()
@@ -211,9 +164,10 @@ def run_job(job: dict) -> dict:
         engine = cls(job["path"], **kwargs)
         res["load_s"] = time.perf_counter() - t0
         res["engine"] = engine.describe()
-        if hasattr(engine, "execution_precision"):
+        if cls.reports_precision:
             res["exec_precision"] = short_precision(engine.execution_precision())
-        predict = adapt(engine, job.get("adapter") or {}, model_scheme.num_points)
+        heads = [Landmarker(meta, engine, i) for i in range(len(meta.outputs))]
+        predict = heads[0]
 
         y1 = predict(x_1)
         cap = job.get("max_seconds")
@@ -253,22 +207,28 @@ def run_job(job: dict) -> dict:
         if not job.get("accuracy", True):   # scored by a sibling row (same model, other threads)
             res["wall_s"] = time.perf_counter() - t_start
             return res
-        # accuracy on every evaluation set, through train.metrics.evaluate (runtime code)
+        # accuracy on every evaluation set, through evaluation.metrics.evaluate (runtime code)
         t0 = time.perf_counter()
         acc, arrays = {}, {}
-        for set_name, protocol in EVAL_SETS:
-            faces = sets[set_name]
+        for s in sets:
+            faces = s.faces()
             if not faces:
                 continue
-            r = evaluate(predict, faces, pre, model_scheme, get_scheme(SET_SCHEMES[set_name]),
-                         protocol, batch=eval_batch)
-            key = f"{set_name}/{protocol}"
-            arrays[f"{key}|nme"] = r.pop("_nme").astype(np.float32)
-            arrays[f"{key}|points"] = r.pop("_points").astype(np.float32)
-            ec = get_scheme(SET_SCHEMES[set_name]).eye_corners   # outer eye corners of the faces
-            arrays[f"{key}|iod"] = np.array([np.linalg.norm(f.points[ec[0]] - f.points[ec[1]])
-                                             for f in faces], np.float32)
-            acc[key] = r
+            data_scheme = get_scheme(s.scheme)
+            ec = data_scheme.eye_corners                  # outer eye corners of the faces
+            iod = np.array([np.linalg.norm(f.points[ec[0]] - f.points[ec[1]]) for f in faces],
+                           np.float32)
+            for sc in scorings([o.scheme for o in meta.outputs], s.scheme):
+                head = heads[sc.output]
+                r = evaluate(head, faces, pre, head.scheme, data_scheme, s.protocol,
+                             batch=eval_batch, as68=sc.as68)
+                key = s.key + sc.suffix
+                arrays[f"{key}|nme"] = r.pop("_nme").astype(np.float32)
+                arrays[f"{key}|points"] = r.pop("_points").astype(np.float32)
+                arrays[f"{key}|iod"] = iod
+                r["output"] = meta.outputs[sc.output].scheme
+                r["through_98_to_68"] = sc.as68 or head.scheme.num_points != data_scheme.num_points
+                acc[key] = r
         res["accuracy"] = acc
         res["eval_batch"] = eval_batch
         res["accuracy_s"] = time.perf_counter() - t0

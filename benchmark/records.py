@@ -13,20 +13,16 @@ unfinished runs.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import re
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
+from common import cpu_model, host_info, host_string  # noqa: F401  (re-exported for records)
 from runtime.bundle import atomic_write_json
 
 SCHEMA = 1
-PACKAGES = ("numpy", "opencv-python-headless", "onnxruntime", "openvino", "ai-edge-litert",
-            "tflite-runtime", "torch", "onnx")
 
 
 class RecordError(Exception):
@@ -37,46 +33,13 @@ def now() -> str:
     return datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def host_info() -> dict:
-    versions = {}
-    for p in PACKAGES:
-        try:
-            versions[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            pass
-    try:
-        load = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        load = None
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
-            "os": platform.platform(), "python": platform.python_version(),
-            "packages": versions, "load_avg": load, "hostname": platform.node()}
-
-
-def host_string(h: dict) -> str:
-    pk = ", ".join(f"{k} {v}" for k, v in h["packages"].items())
-    load = f"; load avg {h['load_avg'][0]}" if h.get("load_avg") else ""
-    return (f"{h['cpu']}, {h['cores']} cores ({h['machine']}); {h['os']}; "
-            f"Python {h['python']}; {pk}{load}")
-
-
 def record_id(model: str, name: str, device: str, threads, hint: str) -> str:
     raw = f"{model}__{name}__{device}__t{threads if threads is not None else '-'}__{hint}"
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", raw)
 
 
 def accuracy_entry(r: dict) -> dict:
-    """train.metrics.evaluate's dict -> the record's accuracy entry (threshold 0.10)."""
+    """evaluation.metrics.evaluate's dict -> the record's accuracy entry (threshold 0.10)."""
     out = {"nme": r["nme"], "fr": r["fr_0.10"], "auc": r["auc_0.10"], "threshold": 0.10,
            "count": r["count"], "protocol": r.get("protocol")}
     if r.get("subsets"):

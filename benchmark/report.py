@@ -13,13 +13,29 @@ from pathlib import Path
 
 
 from benchmark.measure import EVAL_SETS
-from benchmark.records import label, load_arrays, load_run
+from benchmark.records import label as row_label
+from benchmark.records import load_arrays, load_run
+from evaluation.sets import short_of, title_of
 from runtime.bundle import atomic_write_bytes, atomic_write_text
 
-SET_TITLES = {"wflw:eval/rect": "WFLW eval, rect crop", "wflw:eval/landmarks": "WFLW eval, landmark crop",
-              "300w:helen_test/landmarks": "HELEN test, landmark crop"}
-SET_SHORT = {"wflw:eval/rect": "WFLW rect", "wflw:eval/landmarks": "WFLW lmk",
-             "300w:helen_test/landmarks": "HELEN lmk"}
+
+def _labeler(records: list[dict]):
+    """label(row): the row's label, prefixed with its model when the run has several."""
+    multi = len({r["model"] for r in records}) > 1
+    return lambda r: (f"{r['model']}/" if multi else "") + row_label(r)
+
+
+def _sets(records: list[dict], man: dict | None = None) -> list[str]:
+    """The scored-set keys of a run, in the configured order, each followed by its "@68"
+    figure where some row has one."""
+    base = list((man or {}).get("config", {}).get("eval_sets") or EVAL_SETS)
+    seen = [k for r in records for k in (r.get("accuracy") or {})]
+    out = []
+    for b in base + [k.split("@")[0] for k in seen]:
+        for k in (b, b + "@68"):
+            if k in seen and k not in out:
+                out.append(k)
+    return out
 
 
 def _f(v, fmt="{:.2f}", scale=1.0):
@@ -38,9 +54,11 @@ def _distinct(records: list[dict]) -> list[dict]:
 
 
 def markdown(man: dict, records: list[dict]) -> str:
+    label = _labeler(records)
     cfg = man.get("config", {})
-    sets = [f"{s}/{p}" for s, p in EVAL_SETS]
-    lines = [f"# Benchmark of {records[0]['model'] if records else '?'}", "",
+    sets = _sets(records, man)
+    models = list(dict.fromkeys(r["model"] for r in records))
+    lines = [f"# Benchmark of {', '.join(models) or '?'}", "",
              f"Run `{man['run_id']}` started {man['started']}, finished {man.get('finished')}"
              f" ({man.get('wall_s', '?')} s).  ",
              f"Command: `{man.get('command', '')}`  ",
@@ -58,19 +76,24 @@ def markdown(man: dict, records: list[dict]) -> str:
              "the engine a second time in the process (cold first-load time is in the record). "
              "**peak RSS MB**: kernel peak resident set over load + inference minus the resident set "
              "before the engine was built, in a fresh process per row (engine library included).",
-             "- **NME** (%): mean point error / outer-eye-corner distance; a 68-point model is scored on "
-             "WFLW through the 98 -> 68 map. WFLW = evaluation part of `calibration_split` (faces INT8 "
-             "calibration never saw); `rect` = crop from the official face rectangle (what a detector "
-             "gives), `lmk` = crop from the ground-truth landmark extent. FR / AUC at NME 0.10.",
-             "- **drift**: against the torch FP32 row on the same faces and crops: largest |NME "
+             "- **NME** (%): mean point error / outer-eye-corner distance, each set scored with the "
+             "model's native output for it (all 98 points on WFLW where the model has them). A 68-point "
+             "output is scored on WFLW, and a 98-point-only model on 300-W, through the standard "
+             "98 -> 68 index map. Columns `... 68` (`@68` keys): the 68-point figure on WFLW (the "
+             "68-point head, or the 98 points mapped), comparable with a 68-point model's. WFLW = "
+             "evaluation part of `calibration_split` (faces INT8 calibration never saw); `rect` = crop "
+             "from the official face rectangle (what a detector gives), `lmk` = crop from the "
+             "ground-truth landmark extent. FR / AUC at NME 0.10.",
+             "- **drift**: against the model's reference row (`(ref)`: the torch FP32 checkpoint, or "
+             "for an imported model its FP32 ONNX bundle) on the same faces and crops: largest |NME "
              "difference| over the sets (percentage points) and mean point shift in image pixels "
              "(largest over the sets).",
              "- Absolute times depend on the machine and its load; compare rows of one run, and "
              "gate on ratios (benchmark/gate.py).", "",
              "## Results", ""]
-    head = ["bundle", "backend", "prec", "device", "exec", "thr", "status", "median ms", "p90 ms",
+    head = (["model"] if len(models) > 1 else []) + ["bundle", "backend", "prec", "device", "exec", "thr", "status", "median ms", "p90 ms",
             "faces/s", "pipeline ms", "size KB", "load s", "peak RSS MB"] + \
-        [f"NME {SET_SHORT.get(s, s)}" for s in sets] + ["drift NME pp", "shift px"]
+        [f"NME {short_of(s)}" for s in sets] + ["drift NME pp", "shift px"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         ok = r["status"] == "ok"
@@ -83,7 +106,8 @@ def markdown(man: dict, records: list[dict]) -> str:
             exec_s = f"{ex['actual']} (default)"
         d = r.get("drift") or {}
         acc = r.get("accuracy") or {}
-        row = [r["bundle"] + (" (ref)" if r.get("role") == "reference" else ""), r["backend"],
+        row = ([r["model"]] if len(models) > 1 else []) + [
+               r["bundle"] + (" (ref)" if r.get("role") == "reference" else ""), r["backend"],
                r["precision"], r["device"], exec_s, _f(r.get("threads"), "{}"),
                r["status"] if ok else f"**{r['status']}**",
                _f(lat.get("median_ms")) + ("*" if lat.get("capped_by_time") else ""), _f(lat.get("p90_ms")), _f(thr.get("faces_per_s"), "{:.0f}"),
@@ -98,14 +122,14 @@ def markdown(man: dict, records: list[dict]) -> str:
     if distinct:
         lines += ["", "## Accuracy per evaluation set", "",
                   "One row per model and execution precision (accuracy does not depend on threads).", "",
-                  "Shift: distance of each point from the torch FP32 point on the same face, in image "
+                  "Shift: distance of each point from the reference row's point on the same face, in image "
                   "pixels (mean over faces; worst face) and in NME units (% of the outer-eye distance).", "",
-                  "| row | set | faces | NME % | FR % | AUC | NME diff vs torch (pp) | mean shift px | worst face shift px | shift % iod |",
+                  "| row | set | faces | NME % | FR % | AUC | NME diff vs ref (pp) | mean shift px | worst face shift px | shift % iod |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for r in distinct:
             for key, a in r["accuracy"].items():
                 ds = ((r.get("drift") or {}).get("sets") or {}).get(key, {})
-                lines.append(f"| {label(r)} | {SET_TITLES.get(key, key)} | {a['count']} | "
+                lines.append(f"| {label(r)} | {title_of(key)} | {a['count']} | "
                              f"{a['nme'] * 100:.2f} | {a['fr'] * 100:.1f} | {a['auc']:.3f} | "
                              f"{_f(ds.get('nme_delta'), '{:+.3f}', 100)} | {_f(ds.get('shift_px'), '{:.3f}')} | "
                              f"{_f(ds.get('shift_px_max'), '{:.3f}')} | {_f(ds.get('shift_iod'), '{:.3f}', 100)} |")
@@ -124,7 +148,7 @@ def markdown(man: dict, records: list[dict]) -> str:
         for r in bad:
             lines.append(f"| {label(r)} ({r['backend']} {r['precision']}) | {r['status']} | "
                          f"{str(r['reason']).replace('|', '/')} |")
-    lines += ["", f"Records: `records/*.json` (one per row). Plots: latency_vs_nme.png, sizes.png, ced_*.png.", ""]
+    lines += ["", "Records: `records/*.json` (one per row). Plots: latency_vs_nme.png, sizes.png, ced_*.png.", ""]
     return "\n".join(lines)
 
 
@@ -138,10 +162,11 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_latency_vs_nme(records: list[dict], path: Path) -> None:
+    label = _labeler(records)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    sets = [f"{s}/{p}" for s, p in EVAL_SETS]
+    sets = _sets(records)
     ok = [r for r in records if r["status"] == "ok" and r.get("latency") and r.get("accuracy")]
     backends = sorted({r["backend"] for r in ok})
     colors = {b: plt.cm.tab10(i % 10) for i, b in enumerate(backends)}
@@ -158,7 +183,7 @@ def plot_latency_vs_nme(records: list[dict], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("latency, batch 1, median (ms, log scale)")
         ax.set_ylabel("NME (%)")
-        ax.set_title(SET_TITLES.get(key, key), fontsize=10)
+        ax.set_title(title_of(key), fontsize=10)
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=colors[b], marker="o", ls="", label=b) for b in backends]
     handles += [plt.Line2D([], [], color="grey", marker=m, ls="", label=p) for p, m in markers.items()]
@@ -193,7 +218,8 @@ def plot_sizes(records: list[dict], path: Path) -> None:
 
 
 def plot_ceds(records: list[dict], rec_dir: Path, out: Path) -> list[Path]:
-    from train.metrics import plot_ced
+    label = _labeler(records)
+    from evaluation.metrics import plot_ced
     written = []
     # one curve per model file, at the execution precision a deployment gets by default
     # (the f32-pinned OpenVINO rows are in the tables), so the colours stay distinguishable
@@ -203,12 +229,11 @@ def plot_ceds(records: list[dict], rec_dir: Path, out: Path) -> list[Path]:
             seen.add((r["model"], r["bundle"]))
             distinct.append(r)
     arrays = {r["id"]: load_arrays(rec_dir / r["nme_file"]) for r in distinct}
-    for s, p in EVAL_SETS:
-        key = f"{s}/{p}"
+    for key in _sets(records):
         curves = {label(r): arrays[r["id"]][f"{key}|nme"] for r in distinct if f"{key}|nme" in arrays[r["id"]]}
         if curves:
-            path = out / f"ced_{s.replace(':', '_')}_{p}.png"
-            plot_ced(curves, path, title=f"CED: {SET_TITLES.get(key, key)}")
+            path = out / f"ced_{key.replace(':', '_').replace('/', '_').replace('@', '_at')}.png"
+            plot_ced(curves, path, title=f"CED: {title_of(key)}")
             written.append(path)
     return written
 

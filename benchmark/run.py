@@ -9,18 +9,14 @@ Writes records/*.json, results.md and plots under --out; `python benchmark/gate.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import click
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import click  # noqa: E402
-
-from benchmark.core import BenchConfig, PlanError, run  # noqa: E402  (registers "torch")
-from benchmark.targets import PRECISIONS, SpecError  # noqa: E402
-from runtime.bundle import BundleError  # noqa: E402
-from runtime.engines import ENGINES  # noqa: E402
-from train.data import DataError, default_root  # noqa: E402
+from benchmark.core import BenchConfig, PlanError, run
+from benchmark.measure import EVAL_SETS
+from benchmark.torch_engine import bench_engines
+from evaluation.data import DataError, default_root
+from evaluation.sets import SetError
+from runtime.bundle import PRECISIONS, BundleError, SpecError
 
 D = BenchConfig()
 
@@ -40,8 +36,9 @@ def _csv(choices=None, cast=str):
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--backend", default="all", callback=_csv(lambda: list(ENGINES) + ["all"]),
-              help=f"comma list of: {', '.join(ENGINES)}, all (from runtime.engines.ENGINES)")
+@click.option("--backend", default="all", callback=_csv(lambda: list(bench_engines()) + ["all"]),
+              help=f"comma list of: {', '.join(bench_engines())}, all (runtime.engines.ENGINES + "
+                   "the torch reference)")
 @click.option("--precision", default=",".join(D.precisions), callback=_csv(PRECISIONS),
               help="comma list of bundle precisions")
 @click.option("--threads", default=",".join(map(str, D.threads)), callback=_csv(cast=int),
@@ -53,12 +50,18 @@ def _csv(choices=None, cast=str):
 @click.option("--exec-precision", default=",".join(D.exec_precisions), callback=_csv(),
               help="execution-precision rows for engines that take a hint (OpenVINO): 'default' "
                    "= the device's choice (bf16 on this CPU), or e.g. f32, bf16, f16")
-@click.option("--bundles", default=D.bundles, type=click.Path(file_okay=False),
-              help="folder of the model's bundles (artifacts/<model>)")
+@click.option("--bundles", default=D.bundles, multiple=True, type=click.Path(file_okay=False),
+              help="folder of one model's bundles (artifacts/<model>); repeat it to put several "
+                   "models (ours, imported) in one table")
 @click.option("--checkpoint", default=D.checkpoint, type=click.Path(dir_okay=False),
-              help="torch checkpoint: the FP32 reference every drift is measured against")
+              help="torch checkpoint: the FP32 reference of the model exported from it (other "
+                   "models are measured against their own FP32 bundle); '' for none")
+@click.option("--eval-set", "eval_sets", default=EVAL_SETS, multiple=True,
+              help="scored set SET/PROTOCOL from evaluation.sets (e.g. wflw:eval/rect, "
+                   "300w:helen_test/landmarks), or 300w:FOLDER/landmarks for your own .pts faces; "
+                   "repeatable")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
-              help="output folder  [default: <bundles>/benchmark]")
+              help="output folder  [default: <first bundles folder>/benchmark]")
 @click.option("--wflw", default=None, type=click.Path(file_okay=False),
               help=f"WFLW root  [default: {default_root('wflw')}]")
 @click.option("--w300", default=None, type=click.Path(file_okay=False),
@@ -83,6 +86,8 @@ def main(externals, external_specs, report_only, plots, **kw):
     (bundle, device, execution precision, threads), each in a fresh process."""
     if len(externals) != len(external_specs):
         raise click.UsageError("give one --external-spec per --external")
+    kw["checkpoint"] = kw["checkpoint"] or None
+    kw["bundles"], kw["eval_sets"] = tuple(kw["bundles"]), tuple(kw["eval_sets"])
     cfg = BenchConfig(backends=kw.pop("backend"), precisions=kw.pop("precision"),
                       devices=kw.pop("device"), exec_precisions=kw.pop("exec_precision"),
                       externals=tuple(zip(externals, external_specs)), plots=plots, **kw)
@@ -97,7 +102,7 @@ def main(externals, external_specs, report_only, plots, **kw):
         return
     try:
         records = run(cfg, echo=click.echo)
-    except (DataError, SpecError, BundleError, PlanError) as e:
+    except (DataError, SpecError, BundleError, PlanError, SetError) as e:
         raise click.ClickException(str(e)) from None
     bad = [r for r in records if r["status"] == "error"]
     if bad:

@@ -1,9 +1,10 @@
-"""What can be benchmarked: bundles under artifacts/<model>/, the torch checkpoint, and
-external landmark models described by a small JSON spec.
+"""What can be benchmarked: bundles under artifacts/<model>/ (ours or imported), a torch
+checkpoint, and external landmark model files described by a spec JSON.
 
-Every target ends up as a `Target`: the engine to run it with, the primary model file, the
-preprocessing/point scheme from its meta.json (or spec), and its size on disk. Nothing here
-runs a model; measure.py does that in a fresh process per row.
+Every target ends up as a `Target`: the engine to run it with, the primary model file, its
+description as a runtime.bundle.BundleMeta (from meta.json, the checkpoint, or the spec: so the
+runtime's decoders read every output alike), and its size on disk. Nothing here runs a model;
+measure.py does that in a fresh process per row.
 """
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.bundle import META, OUTPUT_UNITS, PRECISIONS, BundleError, SpecError, load_spec, model_path, read_meta
-from runtime.engines import ENGINES
+from benchmark.torch_engine import TorchEngine, bench_engines, checkpoint_meta
+from runtime.bundle import (META, BundleError, BundleMeta, FileInfo, InputSpec,
+                            Lineage, OutputSpec, SpecError, load_spec)
 from runtime.preprocess import Preprocess
-from runtime.schemes import get_scheme
 
 REPO_SPEC = Path(__file__).resolve().parent / "specs" / "example_pfld_external.json"
 
@@ -23,16 +24,23 @@ REPO_SPEC = Path(__file__).resolve().parent / "specs" / "example_pfld_external.j
 class Target:
     model: str                   # model name, e.g. pfld68_w05 (folder of the bundles) or the external's
     name: str                    # bundle folder (stage) name, "checkpoint", or the external's name
-    backend: str                 # engine name in runtime.engines.ENGINES
+    backend: str                 # engine name in benchmark.torch_engine.bench_engines()
     precision: str               # fp32 | fp16 | int8
-    kind: str                    # bundle | checkpoint | external
+    kind: str                    # bundle | checkpoint | external | missing
     path: Path | None = None     # primary model file the engine loads
-    meta: dict = field(default_factory=dict)      # preprocess, scheme, num_points, input
-    adapter: dict = field(default_factory=dict)   # external models: layout, output units/order
+    meta: BundleMeta | None = None
     size_bytes: int | None = None
     files: list[str] = field(default_factory=list)
     reason: str = ""             # why this target cannot run (unreadable bundle, missing file)
     status: str = "skipped"      # the row status when `reason` is set: skipped (missing) | error
+
+    @property
+    def root_sha(self) -> str | None:
+        """sha256 of the lineage root (checkpoint or imported model), to tie rows of one model."""
+        if self.meta is None:
+            return None
+        lin = self.meta.lineage
+        return (lin.source_checkpoint or lin.source_model or {}).get("sha256")
 
 
 def folder_bytes(folder: Path) -> tuple[int, list[str]]:
@@ -54,7 +62,7 @@ def discover_bundles(root: str | Path, model: str | None = None) -> list[Target]
         return out
     for d in sorted(p for p in root.iterdir() if (p / META).is_file()):
         try:
-            meta = read_meta(d, verify=True)
+            meta = BundleMeta.load(d, verify=True)
         except BundleError as e:
             try:
                 raw = json.loads((d / META).read_text())
@@ -65,14 +73,13 @@ def discover_bundles(root: str | Path, model: str | None = None) -> list[Target]
                               status="error"))
             continue
         size, files = folder_bytes(d)
-        out.append(Target(model, d.name, meta["engine"], meta["precision"], "bundle",
-                          model_path(meta), meta, {}, size, files))
+        out.append(Target(model, d.name, meta.engine, meta.precision, "bundle",
+                          meta.model_file, meta, size, files))
     return out
 
 
 def checkpoint_target(path: str | Path, model: str) -> Target:
     """The torch FP32 reference; `reason` is set when the checkpoint cannot be read."""
-    from benchmark.torch_engine import TorchEngine, checkpoint_meta
     path = Path(path)
     t = Target(model, "checkpoint", TorchEngine.name, "fp32", "checkpoint", path)
     ok, why = TorchEngine.available()
@@ -93,15 +100,16 @@ def checkpoint_target(path: str | Path, model: str) -> Target:
 
 # -- external models ---------------------------------------------------------------------------
 def _engine_for(path: Path, spec: dict, where: str) -> str:
+    engines = bench_engines()
     if "engine" in spec:
-        if spec["engine"] not in ENGINES:
-            raise SpecError(f"{where}: engine {spec['engine']!r} is not one of {', '.join(ENGINES)}")
+        if spec["engine"] not in engines:
+            raise SpecError(f"{where}: engine {spec['engine']!r} is not one of {', '.join(engines)}")
         return spec["engine"]
-    for name, cls in ENGINES.items():
+    for name, cls in engines.items():
         if path.suffix in cls.suffixes:
             return name
     raise SpecError(f"{where}: no engine runs {path.suffix} files; set \"engine\" to one of "
-                    f"{', '.join(ENGINES)}")
+                    f"{', '.join(engines)}")
 
 
 def external_target(model_file: str | Path, spec_path: str | Path) -> Target:
@@ -110,19 +118,8 @@ def external_target(model_file: str | Path, spec_path: str | Path) -> Target:
     spec = load_spec(spec_path)
     name = spec.get("name") or model_file.stem
     backend = _engine_for(model_file, spec, str(spec_path))
-    pre = Preprocess(spec["input_size"], spec["color"], tuple(spec["mean"]), tuple(spec["std"]),
-                     float(spec["crop_scale"]), float(spec["box_shift_y"]))
-    n = spec["input_size"]
-    meta = {"name": name, "engine": backend, "precision": spec["precision"],
-            "preprocess": pre.to_meta(), "scheme": spec["scheme"], "num_points": spec["num_points"],
-            "input": {"layout": spec["layout"],
-                      "shape": [-1, 3, n, n] if spec["layout"] == "NCHW" else [-1, n, n, 3]},
-            "spec": str(spec_path)}
-    scale = {"normalised": (1.0, 0.0), "pixels": (1.0 / n, 0.0), "signed": (0.5, 0.5)}
-    a, b = scale[spec["output_units"]]
-    adapter = {"layout": spec["layout"], "output_scale": a, "output_offset": b,
-               "output_order": spec["output_order"], "output_units": spec["output_units"]}
-    t = Target(name, name, backend, spec["precision"], "external", model_file, meta, adapter)
+    t = Target(name, name, backend, spec["precision"], "external", model_file,
+               BundleMeta.from_spec(model_file, spec, backend, spec_path))
     if not model_file.is_file():
         t.reason = f"external model {model_file} does not exist"
         return t

@@ -1,9 +1,10 @@
-"""The torch FP32 reference as one engine of the shared runtime registry.
+"""The torch FP32 reference as one engine the benchmark runs like every deployment engine.
 
 It runs train.model on a checkpoint (models/pfld68_w05.pt), so the benchmark measures the
-reference exactly like every deployment engine: same preprocessing, same decoding, same
-timing loop. torch is imported only when the engine is built, so the worker's memory
-baseline (and the torch-free runtime) do not pay for it.
+reference exactly like the others: same preprocessing, same decoding, same timing loop. torch
+is imported only when the engine is built, so the worker's memory baseline (and the torch-free
+runtime) do not pay for it. It is not registered in runtime.engines.ENGINES (what a device
+uses): the benchmark asks `bench_engines()` for the union.
 """
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.engines import Engine, EngineUnavailable, register
+from runtime.bundle import BundleMeta, FileInfo, InputSpec, Lineage, OutputSpec
+from runtime.engines import ENGINES, Engine, EngineUnavailable
+from runtime.preprocess import Preprocess
 
 
-@register
 class TorchEngine(Engine):
     name, package, suffixes = "torch", "torch", (".pt", ".pth")
     precisions = ("fp32",)          # the checkpoint is the FP32 reference; nothing else runs here
@@ -41,19 +43,33 @@ class TorchEngine(Engine):
         self._torch = torch
         self.model = model_from_checkpoint(load_checkpoint(self.path))
 
-    def __call__(self, batch):
+    def run(self, batch):
         with self._torch.inference_mode():
             x = self._torch.from_numpy(np.ascontiguousarray(batch, np.float32))
-            return self.model(x).numpy()
+            y = self.model(x)
+            return [t.numpy() for t in (y if isinstance(y, tuple) else (y,))]
 
 
-def checkpoint_meta(path: str | Path) -> dict:
-    """A bundle-like description of a checkpoint (preprocess, scheme, points) for the planner."""
+def bench_engines() -> dict[str, type[Engine]]:
+    """The runtime's engines (with any registered plugin) plus the torch reference."""
+    return {**ENGINES, TorchEngine.name: TorchEngine}
+
+
+def checkpoint_meta(path: str | Path) -> BundleMeta:
+    """A checkpoint described as a bundle (preprocess, outputs per head) for the planner."""
+    from runtime.bundle import sha256
     from train.engine import load_checkpoint
+    path = Path(path)
     ck = load_checkpoint(path)
-    return {"name": Path(path).stem, "engine": TorchEngine.name, "precision": "fp32",
-            "preprocess": ck["preprocess"], "scheme": ck["scheme"],
-            "num_points": int(ck["arch"]["num_points"]),
-            "input": {"layout": "NCHW", "shape": [-1, 3, ck["arch"].get("input_size", 112),
-                                                   ck["arch"].get("input_size", 112)]},
-            "arch": ck["arch"], "epoch": ck.get("epoch"), "params": ck.get("params")}
+    heads = ck["arch"].get("heads")
+    outputs = ([OutputSpec(f"points_{h}", "points", h, index=i) for i, h in enumerate(heads)]
+               if heads else [OutputSpec("points", "points", ck["scheme"])])
+    n = int(ck["arch"].get("input_size", 112))
+    meta = BundleMeta(path.stem, TorchEngine.name, "fp32",
+                      {path.name: FileInfo(sha256(path), path.stat().st_size)},
+                      Preprocess.from_dict(ck["preprocess"]), outputs, InputSpec("input", "NCHW",
+                                                                                 [-1, 3, n, n]),
+                      lineage=Lineage(stage="checkpoint",
+                                      source_checkpoint={"path": str(path), "sha256": sha256(path)}))
+    meta.folder = path.parent
+    return meta

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.stages import quiet as _quiet
-from runtime.bundle import model_path
+from common import quiet as _quiet
+from runtime.bundle import BundleMeta
 
 
 class QuantizeError(Exception):
@@ -46,7 +46,7 @@ class QuantizeError(Exception):
 
 
 def quiet():
-    """Quantizer chatter off the console (see export.stages.quiet)."""
+    """Quantizer chatter off the console (see common.quiet)."""
     return _quiet("quantizer")
 
 
@@ -82,11 +82,8 @@ def _digest(x: np.ndarray) -> str:
 
 
 def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
+    from common import package_versions
+    return package_versions([dist]).get(dist, "not installed")
 
 
 class Backend:
@@ -114,9 +111,9 @@ class Backend:
             raise QuantizeError(f"--method {method} is not supported by the {cls.name} quantizer; "
                                 f"it supports: {', '.join(cls.methods)}")
 
-    def __init__(self, fp32_meta: dict, work: Path):
+    def __init__(self, fp32_meta: BundleMeta, work: Path):
         self.meta = fp32_meta
-        self.src = model_path(fp32_meta)
+        self.src = fp32_meta.model_file
         self.work = Path(work)
         self.work.mkdir(parents=True, exist_ok=True)
         self._cache: dict = {}

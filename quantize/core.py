@@ -6,14 +6,17 @@
 For each backend of quantize.backends.BACKENDS:
 
 1. Start from its FP32 bundle in the bundle folder (backend.parents, first that exists).
-2. Calibration crops: the WFLW calibration faces (train.data.calibration_split of the 505 faces
-   in ../shared/wflw: crc32 of the relative image path % 3 == 0, about 162 faces; deterministic
-   and disjoint from the evaluation faces), the first --calib-samples of them in annotation
-   order, cut by train.metrics.face_batch with the parent bundle's Preprocess.from_meta(meta)
-   and the "rect" protocol (official face rectangles: what a detector gives).
-3. Quantize every layer; score the FP32 and the INT8 model through the runtime engines with
-   train.metrics.evaluate on the gated sets: the ~343 WFLW evaluation faces with both crop
-   protocols, "rect" (official rectangles, the headline) and "landmarks" (GT extent).
+2. Calibration crops: the faces of the calibration set (default `wflw:calib`, see
+   evaluation.sets: crc32 of the relative image path % 3 == 0 of the 505 WFLW faces in
+   ../shared/wflw, about 162 faces; deterministic and disjoint from the evaluation faces), the
+   first --calib-samples of them in annotation order, cut by evaluation.metrics.face_batch with
+   the parent bundle's preprocessing and the "rect" protocol (what a detector gives).
+3. Quantize every layer; score the FP32 and the INT8 model through the runtime's engines and
+   decoders (runtime.decode.Landmarker) with evaluation.metrics.evaluate on the gated sets
+   (default: the ~343 WFLW evaluation faces with both crop protocols, "rect" (official
+   rectangles, the headline) and "landmarks" (GT extent)). A model with several outputs (one
+   head per point scheme) is scored with each: its native head per set and the 68-point
+   figure on WFLW ("@68", evaluation.sets.scorings); the budget applies to all of them.
 4. If |drift| > budget: rank the ops the quantizer quantized by sensitivity (each quantized
    alone, everything else float, scored on the calibration faces, which have ground truth:
    its NME drift against FP32 per crop protocol), then keep ops in float one at a time, each
@@ -32,7 +35,7 @@ By default (drift_faces "all", the issue's rule) the drift is NME_int8 - NME_fp3
 means over every evaluation face; "ok" takes the mean per-face NME change over the faces the
 FP32 model localises (FP32 NME <= 0.10, the FR threshold) only, which ignores the noise of
 failed faces. Both are always reported (see drift()).
-The budget applies to both WFLW evaluation protocols (GATES); HELEN is reported, not gated.
+The budget applies to both WFLW evaluation protocols (GATE_SETS); HELEN is reported, not gated.
 Gating "rect" alone is not enough: on rect crops a 300-W-trained model fails on many WFLW
 faces, and INT8 noise helps some of them and hurts others, so a real loss on well-predicted
 faces (seen on "landmarks" and HELEN) can cancel out in the rect mean.
@@ -45,27 +48,27 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from common import host_info, now, package_versions, time_interleaved
+from evaluation.data import DataError, Face
+from evaluation.metrics import evaluate, face_batch, nme_per_face
+from evaluation.sets import ScoredSet, SetError, scored_set, scorings
 from quantize.backends import BACKENDS, PRESETS, Backend, Layer, Options, QuantizeError, get_backend
-from benchmark.records import host_info
-from runtime.bundle import (META, BundleError, atomic_write_json, model_path, read_meta,
-                            staging_dir, write_meta)
-from runtime.engines import EngineUnavailable, get_engine, load_bundle
-from runtime.preprocess import Preprocess
+from runtime.bundle import META, BundleError, BundleMeta, atomic_write_json, staging_dir
+from runtime.decode import Landmarker
+from runtime.engines import EngineUnavailable, get_engine
 from runtime.schemes import get_scheme
-from train.data import DataError, Face, calibration_split, default_root, load_300w, load_wflw
-from train.metrics import evaluate, face_batch, nme_per_face
 
 MIN_CALIB_FACES = 16
 REPORT = "quantize_report.json"
-HEADLINE = "wflw_eval_rect"
-GATES = ("wflw_eval_rect", "wflw_eval_landmarks")     # sets the budget applies to
+CALIB_SET = "wflw:calib"
+EVAL_SETS = ("wflw:eval/rect", "wflw:eval/landmarks", "300w:helen_test/landmarks")
+GATE_SETS = ("wflw:eval/rect", "wflw:eval/landmarks")     # sets the budget applies to
 UNITS = {"nme": "fraction of the outer-eye-corner distance (0.0450 = 4.50 %)",
          "drift_points": "mean per-face (NME_int8 - NME_fp32) in NME points (percentage "
                          "points), over the faces named by drift_faces",
@@ -88,6 +91,9 @@ class Settings:
     latency_runs: int = 200
     warmup: int = 20
     threads: int = 1
+    calib_set: str = CALIB_SET           # evaluation.sets name of the calibration faces
+    eval_sets: tuple[str, ...] = EVAL_SETS   # scored sets reported (SET/PROTOCOL)
+    gate_sets: tuple[str, ...] = GATE_SETS   # scored sets the budget applies to
     wflw_root: str | None = None
     w300_root: str | None = None
 
@@ -97,18 +103,21 @@ class Settings:
 
 @dataclass
 class EvalSet:
+    """One scored figure: a scored set, and (for a multi-output model) which output scores it."""
     key: str
     faces: list[Face]
     protocol: str
     scheme: str          # annotation scheme of the faces
     description: str
+    output: int = 0      # index into the model's outputs
+    as68: bool = False   # scored through the 98 -> 68 map on both sides
 
 
 @dataclass
 class Data:
     calib: list[Face]
     record: dict          # what goes into meta.json / the report about the calibration set
-    sets: list[EvalSet]   # the first is the headline
+    sets: list[ScoredSet]  # reported sets, the gated ones first (the first is the headline)
     extra: dict = field(default_factory=dict)
 
 
@@ -137,51 +146,61 @@ def _load_images(faces: list[Face], what: str) -> None:
             raise QuantizeError(f"{what}: {e}") from None
 
 
+def _roots(settings: Settings) -> dict:
+    return {"wflw": settings.wflw_root, "300w": settings.w300_root}
+
+
 def load_data(settings: Settings) -> Data:
-    """Calibration faces, evaluation faces and HELEN test faces, every image read once."""
+    """Calibration faces and the scored sets, every image read once."""
+    roots = _roots(settings)
     try:
-        wflw = load_wflw(settings.wflw_root)
-        helen = load_300w(settings.w300_root, split="helen_test")
-    except DataError as e:
+        calib_all = scored_set(settings.calib_set, roots.get(settings.calib_set.split(":")[0])).faces()
+        keys = list(dict.fromkeys([*settings.gate_sets, *settings.eval_sets]))
+        sets, cache = [], {}
+        for k in keys:
+            s = scored_set(k, roots.get(k.split(":")[0]))
+            s._faces = cache.setdefault(s.info.key, s.faces())
+            sets.append(s)
+    except (DataError, SetError) as e:
         raise QuantizeError(str(e)) from None
-    calib_all, evals = calibration_split(wflw)
     n = len(calib_all) if settings.calib_samples is None else int(settings.calib_samples)
     if n < MIN_CALIB_FACES:
         raise QuantizeError(f"{n} calibration faces is too few: at least {MIN_CALIB_FACES} are "
                             "needed for stable activation ranges (--calib-samples)")
     if n > len(calib_all):
-        raise QuantizeError(f"--calib-samples {n}: the WFLW calibration split has only "
-                            f"{len(calib_all)} faces (of {len(wflw)})")
+        raise QuantizeError(f"--calib-samples {n}: the calibration split ({settings.calib_set}) has "
+                            f"only {len(calib_all)} faces")
     calib = calib_all[:n]
     _load_images(calib, "calibration image")
-    _load_images(evals, "evaluation image")
-    _load_images(helen, "HELEN test image")
+    for s in sets:
+        _load_images(s.faces(), f"{s.key} image")
     ids = [_ident(f) for f in calib]
-    root = Path(settings.wflw_root) if settings.wflw_root else default_root("wflw")
     record = {
-        "dataset": "WFLW test faces (official annotation layout)",
-        "root": str(root),
-        "split": "train.data.calibration_split: calibration = crc32(image path relative to "
+        "set": settings.calib_set,
+        "dataset": scored_set(settings.calib_set).info.description,
+        "split": "evaluation.data.calibration_split: calibration = crc32(image path relative to "
                  "WFLW_images/) % 3 == 0; evaluation = the rest (disjoint, deterministic)",
         "selection": f"first {n} of {len(calib_all)} calibration faces in annotation order",
         "protocol": "rect",
-        "preprocess": "train.metrics.face_batch with Preprocess.from_meta(parent meta)",
+        "preprocess": "evaluation.metrics.face_batch with the parent bundle's preprocessing",
         "count": n,
         "sha256": _list_sha([f"{img}|{ann}" for img, ann in ids]),
         "sha256_of": "sorted 'image|annotation-file:line' lines joined by newlines",
         "faces": [{"image": img, "annotation": ann} for img, ann in ids],
     }
-    sets = [
-        EvalSet(HEADLINE, evals, "rect", "wflw98",
-                "WFLW evaluation faces (calibration_split, disjoint from calibration), "
-                "official rect"),
-        EvalSet("wflw_eval_landmarks", evals, "landmarks", "wflw98",
-                "WFLW evaluation faces, crop from the ground-truth landmark extent"),
-        EvalSet("helen_test_landmarks", helen, "landmarks", "300w68",
-                "300-W HELEN test faces (330), crop from the ground-truth landmark extent"),
-    ]
-    extra = {"evaluation_sha256": _list_sha(["|".join(_ident(f)) for f in evals])}
+    headline = sets[0].faces()
+    extra = {"evaluation_sha256": _list_sha(["|".join(_ident(f)) for f in headline])}
     return Data(calib, record, sets, extra)
+
+
+def figures(meta: BundleMeta, sets: list[ScoredSet]) -> list[EvalSet]:
+    """Every figure a model is scored by: per scored set, its native output (and "@68")."""
+    out = []
+    for s in sets:
+        for sc in scorings([o.scheme for o in meta.outputs], s.scheme):
+            out.append(EvalSet(s.key + sc.suffix, s.faces(), s.protocol, s.scheme,
+                               s.info.description, sc.output, sc.as68))
+    return out
 
 
 # -- scoring ------------------------------------------------------------------------------------
@@ -193,13 +212,15 @@ def _outputs(engine, x: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([np.asarray(engine(x[i:i + batch])) for i in range(0, len(x), batch)])
 
 
-def score(engine, meta: dict, s: EvalSet, batch: int) -> dict:
-    """train.metrics.evaluate of an engine on one set, with the bundle's own preprocessing."""
-    return evaluate(engine, s.faces, Preprocess.from_meta(meta), get_scheme(meta["scheme"]),
-                    get_scheme(s.scheme), s.protocol, batch=batch)
+def score(engine, meta: BundleMeta, s: EvalSet, batch: int) -> dict:
+    """evaluation.metrics.evaluate of an engine on one figure, decoded by the runtime from
+    the bundle's description, with the bundle's own preprocessing."""
+    lm = Landmarker(meta, engine, s.output)
+    return evaluate(lm, s.faces, meta.preprocess, lm.scheme, get_scheme(s.scheme), s.protocol,
+                    batch=batch, as68=s.as68)
 
 
-FAIL_NME = 0.10        # train.metrics' failure threshold (FR@0.10)
+FAIL_NME = 0.10        # evaluation.metrics' failure threshold (FR@0.10)
 MIN_DRIFT_FACES = 30   # fewest localised faces a drift on "ok" faces is taken over
 DRIFT_FACES = {
     "ok": "faces the FP32 model localises (FP32 NME <= 0.10); failures excluded",
@@ -246,25 +267,9 @@ def within(drift_points: float, budget: float) -> bool:
 
 def measure_latency(fp32, int8, x1: np.ndarray, runs: int, warmup: int) -> dict:
     """Median/p90 ms of batch-1 calls, FP32 and INT8 interleaved so load drift hits both."""
-    for _ in range(warmup):
-        fp32(x1)
-        int8(x1)
-    tf, tq = [], []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fp32(x1)
-        tf.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        int8(x1)
-        tq.append(time.perf_counter() - t)
-    f = {"median_ms": float(np.median(tf) * 1e3), "p90_ms": float(np.percentile(tf, 90) * 1e3)}
-    q = {"median_ms": float(np.median(tq) * 1e3), "p90_ms": float(np.percentile(tq, 90) * 1e3)}
-    return {"fp32": f, "int8": q, "ratio": q["median_ms"] / f["median_ms"], "runs": runs,
+    t = time_interleaved({"fp32": fp32, "int8": int8}, x1, warmup, runs)
+    return {**t, "ratio": t["int8"]["median_ms"] / t["fp32"]["median_ms"], "runs": runs,
             "warmup": warmup, "batch": 1}
-
-
-def _bytes(meta: dict) -> int:
-    return int(sum(v["bytes"] for v in meta["files"].values()))
 
 
 # -- sensitivity search ---------------------------------------------------------------------------
@@ -282,7 +287,7 @@ def rank_layers(backend: Backend, layers: list[Layer], make_engine, x: np.ndarra
     # too few localised calibration faces for an "ok" mean: rank on all of them instead
     mode = {p: faces if faces == "all" or (r["_nme"] <= FAIL_NME).sum() >= MIN_DRIFT_FACES
             else "all" for p, r in ref.items()}
-    eye = get_scheme(meta["scheme"]).eye_corners
+    eye = get_scheme(meta.outputs[rank_sets[0].output].scheme).eye_corners
     ranking = []
     for i, ly in enumerate(layers, 1):
         d = work / f"rank_{i}"
@@ -385,77 +390,175 @@ def find_parent(bundle_dir: Path, backend: type[Backend]) -> Path:
 
 
 def _tool_versions(backend: Backend) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    out = backend.tool_versions()
-    for pkg in ("numpy", "opencv-python-headless"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
+    return {**backend.tool_versions(), **package_versions(["numpy", "opencv-python-headless"])}
+
+
+@dataclass
+class Job:
+    """One backend's quantization: its FP32 parent bundle, engines, faces and figures."""
+    name: str
+    cls: type[Backend]
+    parent_dir: Path
+    meta: BundleMeta                   # of the FP32 parent
+    final: Path                        # the INT8 bundle folder
+    calib_x: np.ndarray
+    figures: list[EvalSet]             # every reported figure (native head per set, "@68")
+    gates: list[EvalSet]               # the figures the budget applies to
+    settings: Settings
+
+    def engine(self, path, threads: int = 1):
+        return get_engine(self.cls.engine)(path, threads=threads, precision=self.cls.precision)
+
+
+def _start(name: str, bundle_dir: Path, data: Data, settings: Settings) -> Job:
+    """Step 1: the FP32 parent bundle, checked, and what will be scored and gated."""
+    cls = get_backend(name)
+    parent_dir = find_parent(bundle_dir, cls)
+    try:
+        meta = BundleMeta.load(parent_dir)
+    except BundleError as e:
+        raise QuantizeError(str(e)) from None
+    if meta.engine != cls.engine:
+        raise QuantizeError(f"{parent_dir}/{META} says engine {meta.engine!r}; the "
+                            f"{name} quantizer needs a {cls.engine} bundle")
+    figs = figures(meta, data.sets)
+    gate_keys = {k for k in settings.gate_sets}
+    gates = [f for f in figs if f.key.split("@")[0] in gate_keys]
+    return Job(name, cls, parent_dir, meta, bundle_dir / cls.stage,
+               face_batch(data.calib, meta.preprocess, "rect"), figs, gates, settings)
+
+
+def _score_fp32(job: Job, backend: Backend, log: Log) -> dict:
+    """Step 2: the FP32 model's figures (the drift reference), with a sanity check."""
+    fp32_engine = job.engine(backend.src)
+    log(f"    FP32 {job.parent_dir.name}: scoring " + ", ".join(f.key for f in job.figures))
+    fp32 = {f.key: score(fp32_engine, job.meta, f, job.cls.eval_batch) for f in job.figures}
+    for g in job.gates:
+        n_ok = int((fp32[g.key]["_nme"] <= FAIL_NME).sum())
+        if job.settings.drift_faces == "ok" and n_ok < MIN_DRIFT_FACES:
+            raise QuantizeError(
+                f"the FP32 model {job.parent_dir} localises only {n_ok} of {fp32[g.key]['count']} "
+                f"{g.key} faces (NME <= {FAIL_NME}); at least {MIN_DRIFT_FACES} are needed to "
+                "measure drift on localised faces. Is the checkpoint trained? (--drift-faces "
+                "all measures on every face)")
+    return fp32
+
+
+def _search(job: Job, backend: Backend, fp32: dict, data: Data, work: Path, log: Log) -> dict:
+    """Step 3: quantize, and keep ops in float while a gated figure is over the budget."""
+    opts, settings = job.settings.options(), job.settings
+    log(f"    quantize with {len(data.calib)} calibration faces ({opts.method}, "
+        f"{'per-channel' if opts.per_channel else 'per-tensor'}, preset {opts.preset})")
+    rank_n = settings.rank_faces or len(data.calib)
+    first_out = job.gates[0].output if job.gates else 0
+    rank_sets = [EvalSet(f"calibration_{p}", data.calib[:rank_n], p, job.gates[0].scheme,
+                         "calibration faces (sensitivity ranking only)", first_out)
+                 for p in dict.fromkeys(g.protocol for g in job.gates)]
+    return fit_budget(backend, job.engine, job.calib_x, job.gates, rank_sets, opts, settings,
+                      fp32, job.meta, work, log)
+
+
+def _search_record(search: dict) -> dict:
+    chosen: Candidate = search["chosen"]
+    return {
+        "calibration_s": search["calibration_s"],
+        "search": {"steps": search["steps"], "ranking_s": search.get("ranking_s"),
+                   "ranking_top": (search["ranking"] or [])[:10],
+                   "layers_total": len(search["ranking"]) if search["ranking"] else None},
+        "layers_kept_float": [{"layer": k["layer"], "kind": k["kind"], "label": k["label"]}
+                              for k in chosen.kept],
+        "settings": chosen.info["settings"],
+    }
+
+
+def _int8_meta(job: Job, chosen: Candidate, backend: Backend) -> BundleMeta:
+    """The INT8 bundle's description: the parent's, with this stage's lineage and files."""
+    m = job.meta
+    inp = replace(m.input, tensor_dtype=chosen.info.get("input_dtype"))
+    lineage = replace(m.lineage, stage=job.cls.stage, created=now(),
+                      parent={"target": job.parent_dir.name,
+                              "path": os.path.relpath(job.parent_dir, job.final),
+                              "sha256": m.sha256},
+                      tool_versions=_tool_versions(backend))
+    return BundleMeta(m.name or job.final.parent.name, job.cls.engine, "int8",
+                      BundleMeta.files_of(*chosen.info["files"]), m.preprocess,
+                      [replace(o) for o in m.outputs], inp,
+                      chosen.info.get("opset", m.opset), lineage, export=dict(m.export))
+
+
+def _validation(job: Job, nme: dict, data: Data) -> dict:
+    s = job.settings
+    headline = job.gates[0].key if job.gates else job.figures[0].key
+    return {
+        "headline": headline, "gated": [g.key for g in job.gates],
+        "drift_faces": s.drift_faces, "drift_faces_rule": DRIFT_FACES[s.drift_faces],
+        "budget_points": s.budget, "within_budget": True, "units": UNITS,
+        "drift_points": {k: v["drift_points"] for k, v in nme.items()},
+        "nme_fp32": {k: v["fp32"]["nme"] for k, v in nme.items()},
+        "nme_int8": {k: v["int8"]["nme"] for k, v in nme.items()},
+        "subsets_drift_points": nme[headline].get("subsets_drift_points", {}),
+        "evaluation_faces": {f.key: len(f.faces) for f in job.figures},
+        "evaluation_sha256": data.extra.get("evaluation_sha256"),
+        "engine_precision_hint": job.cls.precision,
+    }
+
+
+def _write_bundle(job: Job, chosen: Candidate, backend: Backend, fp32: dict, data: Data,
+                  search: dict, log: Log) -> dict:
+    """Step 4: assemble the INT8 bundle, score it as shipped, time it against FP32, then
+    rename it into place. Returns the report fields of a successful backend."""
+    settings, opts = job.settings, job.settings.options()
+    with staging_dir(job.final) as stage:
+        for f in chosen.info["files"]:
+            shutil.copy2(chosen.folder / f, stage / f)
+        meta = _int8_meta(job, chosen, backend).write(stage)
+        int8_engine = job.engine(meta.model_file)
+        log(f"    INT8 bundle: scoring {', '.join(f.key for f in job.figures)}")
+        int8 = {f.key: score(int8_engine, meta, f, job.cls.eval_batch) for f in job.figures}
+        nme = {f.key: compare(fp32[f.key], int8[f.key], settings.drift_faces) for f in job.figures}
+        if not all(within(nme[g.key]["drift_points"], settings.budget)
+                   for g in job.gates):  # pragma: no cover - the same file scored twice
+            raise RuntimeError(f"{job.name}: the written bundle scores differently from the "
+                               "candidate it was copied from")
+        log(f"    latency: {settings.latency_runs} interleaved batch-1 runs, "
+            f"{settings.threads} thread(s)")
+        lat = measure_latency(job.engine(backend.src, settings.threads),
+                              job.engine(meta.model_file, settings.threads),
+                              job.calib_x[:1], settings.latency_runs, settings.warmup)
+        lat["threads"] = settings.threads
+        size = {"fp32_bytes": job.meta.bytes, "int8_bytes": meta.bytes}
+        size["ratio"] = size["int8_bytes"] / size["fp32_bytes"]
+        meta.validation = _validation(job, nme, data)
+        meta.quantization = {
+            "backend": job.name, "method": opts.method,
+            "method_detail": job.cls.methods[opts.method],
+            "per_channel": opts.per_channel, "preset": opts.preset,
+            "preset_detail": PRESETS[opts.preset], "settings": chosen.info["settings"],
+            "layers_kept_float": _search_record(search)["layers_kept_float"],
+            "calibration": data.record, "calibration_s": search["calibration_s"],
+        }
+        meta.write(stage)
+    return {"status": "ok", "int8_bundle": str(job.final), "nme": nme, "size": size,
+            "latency": lat, "within_budget": True}
 
 
 def quantize_backend(name: str, bundle_dir: Path, data: Data, settings: Settings,
                      log: Log = print) -> dict:
     """Quantize one backend; returns its report entry ("status": "ok" | "failed")."""
-    cls = get_backend(name)
-    parent_dir = find_parent(bundle_dir, cls)
-    try:
-        meta = read_meta(parent_dir)
-    except BundleError as e:
-        raise QuantizeError(str(e)) from None
-    if meta.get("engine") != cls.engine:
-        raise QuantizeError(f"{parent_dir}/{META} says engine {meta.get('engine')!r}; the "
-                            f"{name} quantizer needs a {cls.engine} bundle")
+    job = _start(name, bundle_dir, data, settings)
     opts = settings.options()
-    final = bundle_dir / cls.stage
-    engine_cls = get_engine(cls.engine)
-
-    def make_engine(path, threads=1):
-        return engine_cls(path, threads=threads, precision=cls.precision)
-
-    pre = Preprocess.from_meta(meta)
-    calib_x = face_batch(data.calib, pre, "rect")
-    headline = data.sets[0]
-    entry: dict = {"status": "failed", "fp32_bundle": str(parent_dir), "int8_bundle": None,
-                   "created": _now(),
-                   "fp32_sha256": meta["files"][next(iter(meta["files"]))]["sha256"],
-                   "method": opts.method, "method_detail": cls.methods[opts.method],
-                   "engine_precision_hint": cls.precision}
+    entry: dict = {"status": "failed", "fp32_bundle": str(job.parent_dir), "int8_bundle": None,
+                   "created": now(), "fp32_sha256": job.meta.sha256,
+                   "method": opts.method, "method_detail": job.cls.methods[opts.method],
+                   "engine_precision_hint": job.cls.precision,
+                   "outputs": [o.scheme for o in job.meta.outputs]}
     with tempfile.TemporaryDirectory(prefix=f".quantize-{name}-", dir=bundle_dir) as tmp:
         work = Path(tmp)
-        backend = cls(meta, work / "backend")
-        fp32_engine = make_engine(backend.src)
-        log(f"    FP32 {parent_dir.name}: scoring " + ", ".join(s.key for s in data.sets))
-        fp32 = {s.key: score(fp32_engine, meta, s, cls.eval_batch) for s in data.sets}
-        for k in GATES:
-            n_ok = int((fp32[k]["_nme"] <= FAIL_NME).sum())
-            if settings.drift_faces == "ok" and n_ok < MIN_DRIFT_FACES:
-                raise QuantizeError(
-                    f"the FP32 model {parent_dir} localises only {n_ok} of {fp32[k]['count']} "
-                    f"{k} faces (NME <= {FAIL_NME}); at least {MIN_DRIFT_FACES} are needed to "
-                    "measure drift on localised faces. Is the checkpoint trained? (--drift-faces "
-                    "all measures on every face)")
-        log(f"    quantize with {len(data.calib)} calibration faces ({opts.method}, "
-            f"{'per-channel' if opts.per_channel else 'per-tensor'}, preset {opts.preset})")
-        rank_n = settings.rank_faces or len(data.calib)
-        gates = [s for s in data.sets if s.key in GATES]
-        rank_sets = [EvalSet(f"calibration_{g.protocol}", data.calib[:rank_n], g.protocol,
-                             g.scheme, "calibration faces (sensitivity ranking only)")
-                     for g in gates]
-        search = fit_budget(backend, make_engine, calib_x, gates, rank_sets, opts, settings,
-                            fp32, meta, work, log)
+        backend = job.cls(job.meta, work / "backend")
+        fp32 = _score_fp32(job, backend, log)
+        search = _search(job, backend, fp32, data, work, log)
+        entry.update(_search_record(search))
         chosen: Candidate = search["chosen"]
-        kept = [{"layer": k["layer"], "kind": k["kind"], "label": k["label"]} for k in chosen.kept]
-        entry.update({
-            "calibration_s": search["calibration_s"],
-            "search": {"steps": search["steps"],
-                       "ranking_s": search.get("ranking_s"),
-                       "ranking_top": (search["ranking"] or [])[:10],
-                       "layers_total": len(search["ranking"]) if search["ranking"] else None},
-            "layers_kept_float": kept,
-            "settings": chosen.info["settings"],
-        })
         if not chosen.ok(settings.budget):
             entry["nme"] = {k: compare(fp32[k], r, settings.drift_faces)
                             for k, r in chosen.results.items()}
@@ -463,83 +566,14 @@ def quantize_backend(name: str, bundle_dir: Path, data: Data, settings: Settings
             entry["reason"] = (f"INT8 drift {chosen.drift[w]:+.3f} NME points on {w} exceeds the "
                                f"budget of {settings.budget:.2f} even with {len(chosen.kept)} "
                                "op(s) kept in float; no bundle written")
-            if final.exists():
-                entry["reason"] += f" (the existing {final.name}/ from an earlier run is untouched)"
+            if job.final.exists():
+                entry["reason"] += f" (the existing {job.final.name}/ from an earlier run is untouched)"
             return entry
-        # assemble the bundle, score it as shipped, then rename into place
-        with staging_dir(final) as stage:
-            for f in chosen.info["files"]:
-                shutil.copy2(chosen.folder / f, stage / f)
-            int8_meta = {
-                "name": meta.get("name", bundle_dir.name), "engine": cls.engine,
-                "precision": "int8", "files": chosen.info["files"],
-                "preprocess": meta["preprocess"], "scheme": meta["scheme"],
-                "num_points": meta.get("num_points"),
-                # what the engine takes; a full-integer model's own input tensor is noted
-                "input": {**meta.get("input", {}), **({"tensor_dtype": chosen.info["input_dtype"]}
-                                                     if "input_dtype" in chosen.info else {})},
-                "output": meta.get("output"), "opset": chosen.info.get("opset", meta.get("opset")),
-                "stage": cls.stage,
-                "parent": {"path": os.path.relpath(parent_dir, final),
-                           "sha256": entry["fp32_sha256"]},
-                "source_checkpoint": meta.get("source_checkpoint"),
-                "created": _now(), "tool_versions": _tool_versions(backend),
-            }
-            write_meta(stage, int8_meta)
-            shipped_meta, int8_engine = load_bundle(stage, precision=cls.precision)
-            log(f"    INT8 bundle: scoring {', '.join(s.key for s in data.sets)}")
-            int8 = {s.key: score(int8_engine, shipped_meta, s, cls.eval_batch) for s in data.sets}
-            nme = {s.key: compare(fp32[s.key], int8[s.key], settings.drift_faces)
-                   for s in data.sets}
-            if not all(within(nme[k]["drift_points"], settings.budget)
-                       for k in GATES):  # pragma: no cover - the same file scored twice
-                raise RuntimeError(f"{name}: the written bundle scores differently from the "
-                                   "candidate it was copied from")
-            log(f"    latency: {settings.latency_runs} interleaved batch-1 runs, "
-                f"{settings.threads} thread(s)")
-            lat = measure_latency(make_engine(backend.src, settings.threads),
-                                  make_engine(model_path(shipped_meta), settings.threads),
-                                  calib_x[:1], settings.latency_runs, settings.warmup)
-            lat["threads"] = settings.threads
-            size = {"fp32_bytes": _bytes(meta), "int8_bytes": _bytes(shipped_meta)}
-            size["ratio"] = size["int8_bytes"] / size["fp32_bytes"]
-            validation = {
-                "headline": headline.key, "gated": list(GATES),
-                "drift_faces": settings.drift_faces,
-                "drift_faces_rule": DRIFT_FACES[settings.drift_faces],
-                "budget_points": settings.budget,
-                "within_budget": True, "units": UNITS,
-                "drift_points": {k: v["drift_points"] for k, v in nme.items()},
-                "nme_fp32": {k: v["fp32"]["nme"] for k, v in nme.items()},
-                "nme_int8": {k: v["int8"]["nme"] for k, v in nme.items()},
-                "subsets_drift_points": nme[headline.key].get("subsets_drift_points", {}),
-                "evaluation_faces": {s.key: len(s.faces) for s in data.sets},
-                "evaluation_sha256": data.extra.get("evaluation_sha256"),
-                "engine_precision_hint": cls.precision,
-            }
-            int8_meta.update({
-                "files": chosen.info["files"],
-                "validation": validation,
-                "quantization": {
-                    "backend": name, "method": opts.method,
-                    "method_detail": cls.methods[opts.method],
-                    "per_channel": opts.per_channel, "preset": opts.preset,
-                    "preset_detail": PRESETS[opts.preset], "settings": chosen.info["settings"],
-                    "layers_kept_float": kept, "calibration": data.record,
-                    "calibration_s": search["calibration_s"],
-                },
-            })
-            write_meta(stage, int8_meta)
-        entry.update({"status": "ok", "int8_bundle": str(final), "nme": nme, "size": size,
-                      "latency": lat, "within_budget": True})
+        entry.update(_write_bundle(job, chosen, backend, fp32, data, search, log))
     return entry
 
 
 # -- the command ------------------------------------------------------------------------------
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 def check_request(bundle_dir: Path, names: list[str], settings: Settings) -> list[str]:
     """Validate options before any heavy work; returns the backends to run."""
     if not bundle_dir.is_dir():
@@ -576,7 +610,7 @@ def run(bundle_dir: str | Path, backends: list[str], settings: Settings,
     log(f"[1/{total}] calibration and evaluation faces")
     data = load_data(settings)
     log(f"      {data.record['count']} calibration faces (sha256 {data.record['sha256'][:12]}), "
-        + ", ".join(f"{len(s.faces)} {s.key}" for s in data.sets))
+        + ", ".join(f"{len(s.faces())} {s.key}" for s in data.sets))
     report_path = bundle_dir / REPORT
     old = {}
     if report_path.is_file():
@@ -590,7 +624,7 @@ def run(bundle_dir: str | Path, backends: list[str], settings: Settings,
         try:
             results[name] = quantize_backend(name, bundle_dir, data, settings, log)
         except EngineUnavailable as e:
-            results[name] = {"status": "skipped", "reason": str(e), "created": _now()}
+            results[name] = {"status": "skipped", "reason": str(e), "created": now()}
         r = results[name]
         if r["status"] != "ok":
             failed.append(name)
@@ -606,13 +640,14 @@ def run(bundle_dir: str | Path, backends: list[str], settings: Settings,
                 f"({lat['fp32']['median_ms']:.2f} -> {lat['int8']['median_ms']:.2f} ms), "
                 f"{len(r['layers_kept_float'])} op(s) kept float")
     report = {
-        "model": bundle_dir.name, "bundle_dir": str(bundle_dir), "created": _now(),
-        "host": host_info(), "units": UNITS, "headline": HEADLINE, "gated": list(GATES),
+        "model": bundle_dir.name, "bundle_dir": str(bundle_dir), "created": now(),
+        "host": host_info(), "units": UNITS, "headline": data.sets[0].key,
+        "gated": list(settings.gate_sets),
         "drift_faces": settings.drift_faces, "drift_faces_rule": DRIFT_FACES[settings.drift_faces],
         "budget_points": settings.budget,
         "settings": {k: v for k, v in asdict(settings).items() if not k.endswith("_root")},
         "calibration": {k: v for k, v in data.record.items() if k != "faces"},
-        "evaluation_sets": {s.key: {"description": s.description, "count": len(s.faces),
+        "evaluation_sets": {s.key: {"description": s.info.description, "count": len(s.faces()),
                                     "protocol": s.protocol} for s in data.sets},
         "backends": {**old, **results},
     }

@@ -12,12 +12,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import click
 
-import click  # noqa: E402
-
-from quantize.backends import BACKENDS, BIAS_CORRECTION, PRESETS, QuantizeError  # noqa: E402
-from quantize.core import DRIFT_FACES, MIN_CALIB_FACES, Settings, run  # noqa: E402
+from quantize.backends import BACKENDS, BIAS_CORRECTION, PRESETS, QuantizeError
+from quantize.core import DRIFT_FACES, MIN_CALIB_FACES, Settings, run
 
 D = Settings()
 
@@ -60,10 +58,18 @@ class CommandError(click.ClickException):
 @click.option("--latency-runs", type=int, default=D.latency_runs,
               help="batch-1 runs per model for the latency ratio (after warm-up)")
 @click.option("--threads", type=int, default=D.threads, help="engine threads for latency")
+@click.option("--calib-set", default=D.calib_set,
+              help="evaluation.sets name of the calibration faces (e.g. wflw:calib, or "
+                   "300w:FOLDER for your own .pts faces)")
+@click.option("--eval-set", "eval_sets", default=D.eval_sets, multiple=True,
+              help="scored set SET/PROTOCOL to report (repeatable), e.g. 300w:FOLDER/landmarks")
+@click.option("--gate-set", "gate_sets", default=D.gate_sets, multiple=True,
+              help="scored set the budget applies to (repeatable)")
 @click.option("--wflw", "wflw_root", default=None, help="WFLW root (default ../shared/wflw)")
 @click.option("--w300", "w300_root", default=None, help="300-W root (default ../shared/300w)")
 def main(bundle_dir, backends, calib_samples, method, per_channel, preset, bias_correction, budget,
-         drift_faces, max_float_layers, rank_faces, latency_runs, threads, wflw_root, w300_root):
+         drift_faces, max_float_layers, rank_faces, latency_runs, threads, calib_set, eval_sets,
+         gate_sets, wflw_root, w300_root):
     """Turn the FP32 bundles in --bundle-dir into INT8 bundles (onnx_int8, openvino_int8,
     tflite_int8) calibrated on real WFLW faces, and write quantize_report.json."""
     names = list(BACKENDS) if "all" in backends else list(dict.fromkeys(backends))
@@ -71,8 +77,9 @@ def main(bundle_dir, backends, calib_samples, method, per_channel, preset, bias_
                         bias_correction=bias_correction,
                         calib_samples=calib_samples, budget=budget, drift_faces=drift_faces,
                         max_float_layers=max_float_layers, rank_faces=rank_faces,
-                        latency_runs=latency_runs, threads=threads, wflw_root=wflw_root,
-                        w300_root=w300_root)
+                        latency_runs=latency_runs, threads=threads, calib_set=calib_set,
+                        eval_sets=tuple(eval_sets), gate_sets=tuple(gate_sets),
+                        wflw_root=wflw_root, w300_root=w300_root)
     try:
         report, failed = run(bundle_dir, names, settings, log=click.echo)
     except QuantizeError as e:

@@ -1,6 +1,6 @@
 """Measure how a face detector's boxes relate to the landmark-extent crop convention.
 
-A development-machine tool (it reads annotated faces through train.data); the device never
+A development-machine tool (it reads annotated faces through evaluation.data); the device never
 runs it. For each detector stage, on every face of the 300-W train split: run the stage alone,
 keep the detection whose centre is nearest the face's landmark-extent centre (and inside the
 extent), and record extent side / box side and the centre offset / box side in the frame the
@@ -18,17 +18,16 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import click  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+import click
+import cv2
+import numpy as np
+from tqdm import tqdm
 
-from runtime.bundle import atomic_write_json, atomic_write_text  # noqa: E402
-from runtime.detector import (HaarDetector, YuNetDetector, calibration_file,  # noqa: E402
+from runtime.bundle import atomic_write_json, atomic_write_text
+from runtime.detector import (HaarDetector, YuNetDetector, calibration_file,
                               make_detector)
-from runtime.preprocess import landmark_box  # noqa: E402
+from runtime.preprocess import landmark_box
 
 DETECTOR_PY = Path(__file__).resolve().parent / "detector.py"
 
@@ -93,7 +92,7 @@ def calibrate_yunet(faces, det: YuNetDetector) -> dict[str, dict]:
 def write_haar(table: dict[str, dict], command: str) -> None:
     """Replace the constants between the @calibration markers of runtime/detector.py."""
     src = DETECTOR_PY.read_text()
-    lines = [f"    # @calibration-start (rewritten by calibrate_detector.py --write)",
+    lines = ["    # @calibration-start (rewritten by calibrate_detector.py --write)",
              f"    # {command}"]
     for name, r in table.items():
         if r["n"] == 0:
@@ -122,7 +121,7 @@ def write_haar(table: dict[str, dict], command: str) -> None:
 @click.option("--write", is_flag=True, help="Store the constants (detector.py, or the YuNet "
               "model's .calibration.json).")
 def main(detector, detector_model, w300, split, limit, write):
-    from train.data import load_300w     # dev machine only
+    from evaluation.data import load_300w     # dev machine only
     cv2.setNumThreads(1)
     faces = load_300w(w300, split)
     if limit:

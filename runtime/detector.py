@@ -49,7 +49,7 @@ class BoxCalibration:
 
 
 # Measured with `python runtime/calibrate_detector.py` on the 2,012 faces of the 300-W train
-# split in ../shared/300w (train.data.load_300w(split="train")): every stage is run alone on
+# split in ../shared/300w (evaluation.data.load_300w(split="train")): every stage is run alone on
 # every face with the default HaarDetector parameters; a detection counts when its centre lies
 # inside the face's landmark extent; the constants are the medians over those detections of
 # extent side / box side and of the centre offset / box side (n = faces used per stage).
@@ -110,7 +110,7 @@ class HaarStage:
 
 
 # Tried in this order; the first stage that finds a face wins. Chosen on the WFLW crops in
-# ../shared/wflw (greedy on the calibration third of train.data.calibration_split, then made
+# ../shared/wflw (greedy on the calibration third of evaluation.data.calibration_split, then made
 # left/right symmetric; the held-out two thirds gave about the same share): the frontal
 # cascade finds about two thirds of those hard faces, rolled and profile stages most of the
 # rest. Later stages cost time only on images where the earlier ones found nothing.
@@ -159,6 +159,11 @@ class HaarDetector:
         frames; lower it (and expect slower detection) to find small faces.
     """
     name = "haar"
+
+    @classmethod
+    def create(cls, model=None, min_face: float | None = None, **options) -> "HaarDetector":
+        """The registry's constructor: Haar needs no model file (its cascades ship with OpenCV)."""
+        return cls(**options, **({} if min_face is None else {"min_face": min_face}))
 
     def __init__(self, chain: tuple[str, ...] = DEFAULT_HAAR_CHAIN,
                  min_face: float = HAAR_DEFAULTS["min_face"],
@@ -266,6 +271,12 @@ class YuNetDetector:
     """
     name = "yunet"
 
+    @classmethod
+    def create(cls, model=None, min_face: float | None = None, **options) -> "YuNetDetector":
+        det = cls(model, **options)
+        det.min_face = min_face
+        return det
+
     def __init__(self, model: str | Path | None, score_threshold: float = 0.6,
                  nms_threshold: float = 0.3, max_side: int = 320,
                  calibration: BoxCalibration | None = None):
@@ -286,6 +297,7 @@ class YuNetDetector:
             raise DetectorError(f"{self.model} could not be run as a YuNet face detector: "
                                 f"{str(e).strip().splitlines()[-1]}") from None
         self.max_side = int(max_side)
+        self.min_face: float | None = None    # fraction of the shorter image side
         self.calibration = calibration or load_calibration_file(self.model) or YUNET_ESTIMATE
         self.calibrated = self.calibration.measured
         self._size = None
@@ -309,8 +321,11 @@ class YuNetDetector:
     def detect(self, image: np.ndarray) -> list[Detection]:
         faces, s = self.raw_detect(image)
         out = []
+        smallest = (self.min_face or 0.0) * min(image.shape[:2]) * s
         for f in faces:
             x, y, w, h = f[:4]
+            if max(w, h) < smallest:
+                continue
             cx, cy, ext = self.calibration.apply(x + w / 2, y + h / 2, float(max(w, h)))
             cx, cy, ext = cx / s, cy / s, ext / s
             out.append(Detection((cx - ext / 2, cy - ext / 2, cx + ext / 2, cy + ext / 2),
@@ -335,16 +350,14 @@ def load_calibration_file(model: str | Path) -> BoxCalibration | None:
                             f"({e})") from None
 
 
-DETECTORS = {"haar": HaarDetector, "yunet": YuNetDetector}
+DETECTORS = {HaarDetector.name: HaarDetector, YuNetDetector.name: YuNetDetector}
 
 
-def make_detector(name: str = "haar", model: str | Path | None = None, **kwargs):
-    """A detector by name; `model` is the YuNet ONNX file (unused by haar)."""
-    if name == "haar":
-        return HaarDetector(**kwargs)
-    if name == "yunet":
-        return YuNetDetector(model, **kwargs)
-    raise DetectorError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
+def make_detector(name: str = "haar", model: str | Path | None = None, **options):
+    """A detector by name from DETECTORS; `model` is its model file (if it takes one)."""
+    if name not in DETECTORS:
+        raise DetectorError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")
+    return DETECTORS[name].create(model, **options)
 
 
 def iou(a, b) -> float:

@@ -1,10 +1,13 @@
 """Thin inference-engine wrappers behind one registry.
 
 Each engine is one small class: `available()` says whether its package is importable (and if
-not, which package to install), `Engine(path, threads=, device=)` loads a model file, and
-`engine(batch)` maps an NCHW float32 batch to the network's (N, 2K) output. The runtime, the
-benchmark and the export/quantize checks all run models through these classes, and the CLIs
-take their choices from ENGINES. A new engine is one class and one entry.
+not, which package to install), `Engine(path, threads=, device=)` loads a model file,
+`engine.run(batch)` maps an NCHW float32 batch to the list of the model's outputs and
+`engine(batch)` returns the first. What an engine can do is said by class attributes
+(`reports_precision`, `handles_layout`), never probed. The runtime, the benchmark and the
+export/quantize checks all run models through these classes (runtime.decode.Landmarker turns
+outputs into points), and the CLIs take their choices from ENGINES. A new engine is one class
+and one entry.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ class Engine:
     name = ""
     package = ""             # what to pip install
     suffixes: tuple[str, ...] = ()
+    reports_precision = False   # execution_precision() tells what the device actually ran
+    handles_layout = False      # takes NCHW batches for an NHWC model file itself
 
     @classmethod
     def available(cls) -> tuple[bool, str]:
@@ -37,19 +42,24 @@ class Engine:
             raise FileNotFoundError(f"{self.name}: model file {self.path} does not exist")
         self.threads, self.device, self.precision = threads, device, precision
 
-    def __call__(self, batch: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:  # pragma: no cover - abstract
+        """Every output of the model for an NCHW float32 batch, in the model file's order."""
         raise NotImplementedError
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.run(batch)[0]
 
     def describe(self) -> str:
         return f"{self.name} {self.device or 'CPU'} x{self.threads}"
 
 
-def _in_slices(engine: Engine, batch: np.ndarray, size: int) -> np.ndarray:
+def _in_slices(run, batch: np.ndarray, size: int) -> list[np.ndarray]:
     """Run a model with a fixed batch `size` on any number of rows (last slice zero-padded)."""
     x = np.asarray(batch, np.float32)
     n = len(x)
     x = np.concatenate([x, np.zeros((-n % size, *x.shape[1:]), np.float32)])
-    return np.concatenate([engine(x[i:i + size]) for i in range(0, len(x), size)])[:n]
+    parts = [run(x[i:i + size]) for i in range(0, len(x), size)]
+    return [np.concatenate([p[j] for p in parts])[:n] for j in range(len(parts[0]))]
 
 
 def _missing(module: str, package: str, engine: str) -> tuple[bool, str]:
@@ -82,14 +92,15 @@ class OnnxRuntimeEngine(Engine):
         n = self.session.get_inputs()[0].shape[0]   # an int for a static-batch export
         self._batch = n if isinstance(n, int) and n > 0 else None
 
-    def __call__(self, batch):
+    def run(self, batch):
         if self._batch and len(batch) != self._batch:
-            return _in_slices(self, batch, self._batch)
-        return self.session.run(None, {self.input: np.ascontiguousarray(batch, np.float32)})[0]
+            return _in_slices(self.run, batch, self._batch)
+        return self.session.run(None, {self.input: np.ascontiguousarray(batch, np.float32)})
 
 
 class OpenVINOEngine(Engine):
     name, package, suffixes = "openvino", "openvino", (".xml",)
+    reports_precision = True
 
     @classmethod
     def available(cls):
@@ -117,11 +128,11 @@ class OpenVINOEngine(Engine):
         n = self.compiled.input(0).get_partial_shape()[0]   # static for a static-batch export
         self._batch = n.get_length() if n.is_static else None
 
-    def __call__(self, batch):
+    def run(self, batch):
         if self._batch and len(batch) != self._batch:
-            return _in_slices(self, batch, self._batch)
+            return _in_slices(self.run, batch, self._batch)
         res = self.request.infer({0: np.ascontiguousarray(batch, np.float32)})
-        return np.asarray(res[self.compiled.output(0)])
+        return [np.asarray(res[o]) for o in self.compiled.outputs]
 
     def execution_precision(self) -> str:
         try:
@@ -145,6 +156,7 @@ def _tflite_interpreter():
 
 class LiteRTEngine(Engine):
     name, package, suffixes = "tflite", "ai-edge-litert", (".tflite",)
+    handles_layout = True       # an NHWC model file gets its NCHW batch transposed here
 
     @classmethod
     def available(cls):
@@ -167,26 +179,24 @@ class LiteRTEngine(Engine):
                                   experimental_delegates=delegates or None)
         self.interp.allocate_tensors()
         self.inp = self.interp.get_input_details()[0]
-        self.out = self.interp.get_output_details()[0]
+        self.outs = self.interp.get_output_details()
         self.nhwc = self.inp["shape"][-1] == 3 and self.inp["shape"][1] != 3
         self._batch = int(self.inp["shape"][0])
         # litert-torch bakes the batch into its reshapes, so such a model cannot be resized:
         # it runs a larger batch one slice of its own batch size at a time
         self._fixed = int(self.inp.get("shape_signature", self.inp["shape"])[0]) > 0
 
-    def __call__(self, batch):
+    def run(self, batch):
         x = np.asarray(batch, np.float32)
         if self._fixed and x.shape[0] != self._batch:
-            b, n = self._batch, x.shape[0]
-            x = np.concatenate([x, np.zeros((-n % b, *x.shape[1:]), np.float32)])
-            return np.concatenate([self(x[i:i + b]) for i in range(0, len(x), b)])[:n]
+            return _in_slices(self.run, x, self._batch)
         if self.nhwc:
             x = x.transpose(0, 2, 3, 1)
         if x.shape[0] != self._batch:
             self.interp.resize_tensor_input(self.inp["index"], list(x.shape))
             self.interp.allocate_tensors()
             self.inp = self.interp.get_input_details()[0]
-            self.out = self.interp.get_output_details()[0]
+            self.outs = self.interp.get_output_details()
             self._batch = x.shape[0]
         if self.inp["dtype"] != np.float32:   # full-integer model: quantise the input
             scale, zero = self.inp["quantization"]
@@ -194,11 +204,14 @@ class LiteRTEngine(Engine):
             x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(self.inp["dtype"])
         self.interp.set_tensor(self.inp["index"], np.ascontiguousarray(x))
         self.interp.invoke()
-        y = self.interp.get_tensor(self.out["index"])
-        if self.out["dtype"] != np.float32:
-            scale, zero = self.out["quantization"]
-            y = (y.astype(np.float32) - zero) * scale
-        return y.reshape(y.shape[0], -1)
+        ys = []
+        for out in self.outs:
+            y = self.interp.get_tensor(out["index"])
+            if out["dtype"] != np.float32:
+                scale, zero = out["quantization"]
+                y = (y.astype(np.float32) - zero) * scale
+            ys.append(y)
+        return ys
 
 
 ENGINES: dict[str, type[Engine]] = {
@@ -222,11 +235,11 @@ def get_engine(name: str) -> type[Engine]:
 
 def load_bundle(bundle: str | Path, engine: str | None = None, threads: int = 1,
                 device: str | None = None, precision: str | None = None, verify: bool = True):
-    """(meta, engine instance) for a bundle folder; `engine` overrides the bundle's own."""
-    from .bundle import model_path, read_meta
-    meta = read_meta(bundle, verify=verify)
-    eng = get_engine(engine or meta["engine"])
-    path = model_path(meta)
+    """(BundleMeta, engine instance) for a bundle folder; `engine` overrides the bundle's own."""
+    from .bundle import BundleMeta
+    meta = BundleMeta.load(bundle, verify=verify)
+    eng = get_engine(engine or meta.engine)
+    path = meta.model_file
     if eng.suffixes and path.suffix not in eng.suffixes:
         raise ValueError(f"bundle {bundle} holds a {path.suffix} model; engine {eng.name} "
                          f"runs {', '.join(eng.suffixes)} files")

@@ -9,7 +9,7 @@
 and frames per second of Pipeline.process, with and without tracking, per bundle (engine).
 `images`: every image on its own (no tracking): median ms per image of detect + crop +
 landmarks (pose is reported apart) and the share of images in which a face is found; with
---ground-truth wflw|helen (development machine: reads the annotations through train.data) also
+--ground-truth wflw|helen (development machine: reads the annotations through evaluation.data) also
 the share in which the *right* face is found (its points' centroid inside the annotated
 extent) and the NME of those faces, to compare --refine/--no-refine.
 
@@ -27,19 +27,16 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import click
+import cv2
+import numpy as np
 
-import click  # noqa: E402
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
-from runtime.bundle import atomic_write_json  # noqa: E402
-from runtime.detector import (DEFAULT_HAAR_CHAIN, HAAR_DEFAULTS, HaarDetector,  # noqa: E402
+from runtime.bundle import atomic_write_json
+from runtime.detector import (DEFAULT_HAAR_CHAIN, HAAR_DEFAULTS, HaarDetector,
                               make_detector)
-from runtime.engines import ENGINES  # noqa: E402
-from runtime.media import open_video, read_image  # noqa: E402
-from runtime.pipeline import STAGES, Pipeline  # noqa: E402
+from runtime.engines import ENGINES
+from runtime.media import open_video, read_image
+from runtime.pipeline import STAGES, Pipeline
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PARTS = STAGES + ("total",)
@@ -69,7 +66,7 @@ def _stats(v) -> dict:
 
 def make_pipeline(bundle, engine, threads, precision, detector, detector_model, haar,
                   clock="wall", **kw):
-    det = HaarDetector(**haar) if detector == "haar" else make_detector(detector, detector_model)
+    det = make_detector(detector, detector_model, **(haar if detector == "haar" else {}))
     pipe = Pipeline(bundle, engine=engine, threads=threads, precision=precision, detector=det, **kw)
     if clock == "cpu":
         pipe.clock = time.process_time
@@ -82,7 +79,7 @@ def _engine_label(pipe: Pipeline) -> str:
     if hasattr(e, "execution_precision"):     # OpenVINO: what the device really runs
         p = e.execution_precision()
         prec = f" (executes {p.split(chr(39))[1] if chr(39) in p else p})"
-    return f"{e.name} {pipe.meta['precision']}{prec}"
+    return f"{e.name} {pipe.meta.precision}{prec}"
 
 
 # -- video -----------------------------------------------------------------------------------
@@ -194,7 +191,7 @@ def annotated_faces(dataset: str, model_scheme):
     """(image paths, per image (points in the model's layout, eye corners)) of annotated faces:
     "wflw" (the 505 test crops) or "helen" (the 330 300-W HELEN test crops)."""
     from runtime.schemes import get_scheme
-    from train.data import load_300w, load_wflw      # development machine only
+    from evaluation.data import load_300w, load_wflw      # development machine only
     faces, data = (load_wflw(), get_scheme("wflw98")) if dataset == "wflw" else \
         (load_300w(split="helen_test"), get_scheme("300w68"))
     out = []
@@ -315,7 +312,7 @@ def video_cmd(bundles, engine, threads, precision, detector, detector_model, cha
               help="Folder of images (default: the WFLW crops in ../shared/wflw).")
 @click.option("--ground-truth", type=click.Choice(["none", "wflw", "helen"]), default="none",
               show_default=True, help="Use these annotated faces (instead of --images) and "
-              "score the found ones (development machine: reads them through train.data).")
+              "score the found ones (development machine: reads them through evaluation.data).")
 @click.option("--no-pose", is_flag=True, help="Skip head pose.")
 def images_cmd(bundles, engine, threads, precision, detector, detector_model, chain, min_face,
                search_px, scale_factor, min_neighbors, refine, warmup, clock, out, images_dir,
@@ -382,9 +379,9 @@ def still_then_moving(face, n: int = 120, size: int = 400, noise: float = 4.0):
               show_default=True, help="'off' or 'MIN_CUTOFF,BETA' of the One Euro filter.")
 def smoothing_cmd(bundle, faces, settings):
     """Jitter of a still face and error on a moving one, per smoothing setting (development
-    machine: reads HELEN test faces through train.data)."""
+    machine: reads HELEN test faces through evaluation.data)."""
     from runtime.tracker import TrackerConfig
-    from train.data import load_300w
+    from evaluation.data import load_300w
     cv2.setNumThreads(1)
     chosen = load_300w(split="helen_test")[::30][:faces]
     clips = [still_then_moving(f) for f in chosen]

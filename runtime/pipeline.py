@@ -17,11 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .decode import Landmarker
 from .detector import DetectorError, make_detector
-from .engines import load_bundle
 from .pose import head_pose
-from .preprocess import Preprocess, landmark_box
-from .schemes import get_scheme
+from .preprocess import landmark_box
 from .tracker import Tracker, TrackerConfig
 
 STAGES = ("detect", "crop", "landmarks", "pose")
@@ -41,6 +40,8 @@ class Pipeline:
 
     bundle: model bundle folder (runtime.bundle); engine/threads/device/precision override or
         pass through to runtime.engines.load_bundle.
+    points: which output of a multi-head bundle to use (scheme name or point count, e.g. 98);
+        None: the bundle's first output.
     detector: "haar" | "yunet" | an object with detect(image) -> list[Detection].
     track: reuse the previous frame's points to place the next crop (runtime.tracker); call
         reset() between unrelated images or videos.
@@ -60,16 +61,13 @@ class Pipeline:
                  device: str | None = None, precision: str | None = None, detector="haar",
                  detector_model: str | Path | None = None, track: bool = True,
                  pose: bool = True, refine: bool = True, max_faces: int = 1, fps: float = 30.0,
-                 tracker: TrackerConfig | None = None, verify: bool = True):
+                 tracker: TrackerConfig | None = None, verify: bool = True,
+                 points: str | int | None = None):
         if max_faces < 1:
             raise ValueError(f"max_faces must be >= 1, got {max_faces}")
-        self.meta, self.engine = load_bundle(bundle, engine, threads, device, precision, verify)
-        self.pre = Preprocess.from_meta(self.meta)
-        self.scheme = get_scheme(self.meta["scheme"])
-        n = int(self.meta.get("num_points", self.scheme.num_points))
-        if n != self.scheme.num_points:
-            raise ValueError(f"bundle {bundle}: num_points {n} does not match scheme "
-                             f"{self.scheme.name} ({self.scheme.num_points} points)")
+        self.model = Landmarker.open(bundle, engine, threads, device, precision, verify, points)
+        self.meta, self.engine = self.model.meta, self.model.engine
+        self.pre, self.scheme = self.model.pre, self.model.scheme
         self.detector = make_detector(detector, detector_model) if isinstance(detector, str) \
             else detector
         if not hasattr(self.detector, "detect"):
@@ -94,8 +92,7 @@ class Pipeline:
         t = self.clock()
         batch, mats = self.pre(image, boxes)
         t1 = self.clock()
-        out = self.engine(batch)
-        pts = self.pre.decode(out, mats)
+        pts = self.pre.decode(self.model(batch), mats)
         t2 = self.clock()
         ms["crop"] += (t1 - t) * 1e3
         ms["landmarks"] += (t2 - t1) * 1e3

@@ -2,7 +2,7 @@
 
 The single implementation used by training-time evaluation, export checks, calibration,
 the benchmark and the device runtime. Constants come from a bundle's meta.json
-(`Preprocess.from_meta`), never from memory.
+(`BundleMeta.preprocess`) or a checkpoint (`Preprocess.from_dict`), never from memory.
 """
 from __future__ import annotations
 
@@ -23,11 +23,15 @@ class Preprocess:
     extra: dict = field(default_factory=dict, compare=False)
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "Preprocess":
-        p = meta["preprocess"]
-        return cls(int(p["input_size"]), str(p["color"]), tuple(map(float, p["mean"])),
-                   tuple(map(float, p["std"])), float(p["crop_scale"]),
-                   float(p.get("box_shift_y", 0.0)))
+    def from_dict(cls, p: dict) -> "Preprocess":
+        """From the "preprocess" entry of a meta.json or checkpoint (KeyError/ValueError if bad)."""
+        pre = cls(int(p["input_size"]), str(p["color"]), tuple(map(float, p["mean"])),
+                  tuple(map(float, p["std"])), float(p["crop_scale"]),
+                  float(p.get("box_shift_y", 0.0)))
+        if pre.color not in ("RGB", "BGR") or len(pre.mean) != 3 or len(pre.std) != 3 \
+                or min(pre.std) <= 0 or pre.input_size <= 0 or pre.crop_scale <= 0:
+            raise ValueError(f"not a valid preprocessing description: {p}")
+        return pre
 
     def to_meta(self) -> dict:
         d = asdict(self)

@@ -118,8 +118,11 @@ def run_video(pipe: Pipeline, spec: str, draw: str | None, max_frames: int) -> N
 @click.option("--detector-model", type=click.Path(dir_okay=False), default=None,
               help="YuNet ONNX file for --detector yunet.")
 @click.option("--min-face", type=click.FloatRange(0.02, 1.0), default=HAAR_DEFAULTS["min_face"],
-              show_default=True, help="Haar: smallest face searched, as a fraction of the "
-              "frame's shorter side (lower finds smaller faces, slower).")
+              show_default=True, help="Smallest face searched, as a fraction of the frame's "
+              "shorter side (Haar: lower finds smaller faces, slower).")
+@click.option("--points", "points", default=None,
+              help="Which head of a multi-head model to output: a point count (68, 98) or a "
+              "scheme name.  [default: the bundle's first output]")
 @click.option("--track/--no-track", default=True, show_default=True,
               help="Video: place crops from the previous frame's points (re-detect when lost).")
 @click.option("--pose/--no-pose", default=True, show_default=True, help="Head pose per face.")
@@ -131,19 +134,19 @@ def run_video(pipe: Pipeline, spec: str, draw: str | None, max_frames: int) -> N
               help="Stop a video or camera after N frames (0: run to the end / Ctrl-C).")
 @click.option("--draw", type=click.Path(dir_okay=False), default=None,
               help="Write the input with points drawn (image: .jpg/.png; video: .avi/.mp4).")
-def main(bundle, source, engine, threads, device, detector, detector_model, min_face, track,
-         pose, refine, max_faces, max_frames, draw):
+def main(bundle, source, engine, threads, device, detector, detector_model, min_face, points,
+         track, pose, refine, max_faces, max_frames, draw):
     """Facial landmarks and head pose as JSON lines (one per frame) on stdout."""
     cv2.setNumThreads(threads)
     try:
         image = not source.isdigit() and is_image(source)
         try:
-            det = HaarDetector(min_face=min_face) if detector == "haar" else \
-                make_detector(detector, detector_model)
+            det = make_detector(detector, detector_model, min_face=min_face)
             # a single image has no previous frame: tracking does not apply
             pipe = Pipeline(bundle, engine=engine, threads=threads, device=device, detector=det,
                             track=track and not image, pose=pose, refine=refine,
-                            max_faces=max_faces)
+                            max_faces=max_faces,
+                            points=int(points) if points and points.isdigit() else points)
         except (BundleError, DetectorError, EngineUnavailable, ValueError, KeyError):
             raise
         except Exception as e:  # noqa: BLE001 - engines raise their own types for a bad model

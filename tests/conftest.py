@@ -1,26 +1,24 @@
 """Shared fixtures: real faces from ../shared, a tiny real PFLD checkpoint, the shipped model."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 SHIPPED = REPO / "models" / "pfld68_w05.pt"
 
 
 @pytest.fixture(scope="session")
 def wflw_faces():
-    from train.data import load_wflw
+    from evaluation.data import load_wflw
     return load_wflw()
 
 
 @pytest.fixture(scope="session")
 def helen_faces():
-    from train.data import load_300w
+    from evaluation.data import load_300w
     return load_300w(split="helen_test")
 
 
@@ -47,3 +45,14 @@ def shipped_checkpoint():
     if not SHIPPED.is_file():
         pytest.fail(f"no trained model at {SHIPPED}")
     return SHIPPED
+
+
+def export_onnx(checkpoint: Path, out: Path) -> Path:
+    from export.stages import export_all
+    return export_all(checkpoint, out, targets=["onnx_fp32"], progress=lambda s: None)["onnx_fp32"]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory):
+    """The tiny network as an onnx_fp32 bundle."""
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("tiny_bundle") / "tiny")

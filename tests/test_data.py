@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from runtime.schemes import SCHEMES, WFLW98_TO_68, get_scheme
-from train import data as D
+from evaluation import data as D
 
 
 def _wflw_copy(tmp_path, lines):

@@ -17,24 +17,24 @@ from click.testing import CliRunner
 from export import stages
 from export.run import main as cli
 from export.stages import TARGETS, ExportError, ExportInputError, export_all
-from runtime.bundle import META, BundleError, read_meta, sha256, write_meta
+from runtime.bundle import META, BundleError, BundleMeta, sha256
+from runtime.decode import Landmarker
 from runtime.engines import load_bundle
 from runtime.preprocess import Preprocess
-from train.metrics import face_batch
+from evaluation.metrics import face_batch
 
 # Written out by hand, not derived from TARGETS: a new target without a case here fails
 # test_every_target_has_a_parity_case. Values: (lineage parent, what it is checked against).
 PARITY_CASES = {
-    "onnx_fp32": ("checkpoint", "checkpoint"),
+    "onnx_fp32": ("source", "source"),
     "onnx_sim_fp32": ("onnx_fp32", "onnx_fp32"),
     "openvino_fp32": ("onnx_sim_fp32", "onnx_sim_fp32"),
     "openvino_fp16": ("onnx_sim_fp32", "onnx_sim_fp32"),
-    "tflite_fp32": ("checkpoint", "onnx_sim_fp32"),
+    "tflite_fp32": ("source", "onnx_sim_fp32"),
     "tflite_fp16": ("tflite_fp32", "onnx_sim_fp32"),
 }
-CONTRACT_KEYS = {"name", "engine", "precision", "files", "preprocess", "scheme", "num_points",
-                 "input", "output", "opset", "stage", "parent", "source_checkpoint", "validation",
-                 "created", "tool_versions"}
+CONTRACT_KEYS = {"name", "engine", "precision", "files", "preprocess", "outputs", "input", "opset",
+                 "lineage", "validation", "conversion", "quantization", "export", "schema_version"}
 
 
 @pytest.fixture(scope="session")
@@ -54,14 +54,14 @@ def fresh_faces(wflw_faces, helen_faces):
 
 
 def _reference_output(name, exported_bundles, tiny_checkpoint, x):
-    if name == "checkpoint":
+    if name == "source":
         import torch
 
         from train.engine import load_checkpoint, model_from_checkpoint
         model = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
         with torch.inference_mode():
             return model(torch.from_numpy(x)).numpy()
-    return load_bundle(exported_bundles[name], precision="f32")[1](x)
+    return Landmarker.open(exported_bundles[name], precision="f32")(x)
 
 
 @pytest.mark.slow
@@ -69,18 +69,19 @@ def _reference_output(name, exported_bundles, tiny_checkpoint, x):
 def test_parity_on_real_faces(target, exported, tiny_checkpoint, fresh_faces):
     bundles, _ = exported
     parent, reference = PARITY_CASES[target]
-    meta, engine = load_bundle(bundles[target], precision="f32")
+    lm = Landmarker.open(bundles[target], precision="f32")
+    meta = lm.meta
     spec = TARGETS[target]
-    assert (meta["stage"], meta["engine"], meta["precision"]) == (target, spec.engine, spec.precision)
-    assert meta["parent"]["target"] == parent
-    assert meta["validation"]["checked_against"]["target"] == reference
-    assert meta["validation"]["passed"] and meta["validation"]["faces"] == 40
-    assert meta["validation"]["max_abs_diff"] <= spec.tolerance
+    assert (meta.stage, meta.engine, meta.precision) == (target, spec.engine, spec.precision)
+    assert meta.lineage.parent["target"] == parent
+    assert meta.validation["checked_against"]["target"] == reference
+    assert meta.validation["passed"] and meta.validation["faces"] == 40
+    assert meta.validation["max_abs_diff"] <= spec.tolerance
 
-    # recompute on faces the export never saw, through the runtime engines
-    out = engine(fresh_faces)
+    # recompute on faces the export never saw, through the runtime engines and decoders
+    out = lm(fresh_faces)
     ref = _reference_output(reference, bundles, tiny_checkpoint, fresh_faces)
-    assert out.shape == ref.shape == (len(fresh_faces), 2 * meta["num_points"])
+    assert out.shape == ref.shape == (len(fresh_faces), 2 * meta.outputs[0].num_points)
     assert np.abs(out - ref).max() <= spec.tolerance
     assert 0.0 < out.min() and out.max() < 1.0        # crop-normalised points, inside the crop
 
@@ -107,8 +108,8 @@ def test_progress_and_report(exported):
     report = json.loads((out_dir / stages.REPORT).read_text())
     assert report["status"] == "ok" and list(report["targets"]) == list(TARGETS)
     for name, row in report["targets"].items():
-        meta = read_meta(bundles[name])
-        assert row["bytes"] == sum(f["bytes"] for f in meta["files"].values())
+        meta = BundleMeta.load(bundles[name])
+        assert row["bytes"] == meta.bytes
         assert row["max_abs_diff"] <= row["tolerance"] == TARGETS[name].tolerance
         assert row["faces"] == 40 and row["seconds"] > 0 and not row["reused"]
 
@@ -118,32 +119,31 @@ def test_meta_round_trip_and_corruption(exported, tmp_path):
     bundles, _ = exported
     for name, folder in bundles.items():
         written = json.loads((folder / META).read_text())
-        meta = read_meta(folder)
-        assert {k: v for k, v in meta.items() if k != "_dir"} == written
+        meta = BundleMeta.load(folder)
+        assert meta.to_dict() == written                 # every written bundle round-trips
         assert CONTRACT_KEYS <= set(written), f"{name}: missing {CONTRACT_KEYS - set(written)}"
         for fname, info in written["files"].items():
             assert info == {"sha256": sha256(folder / fname), "bytes": (folder / fname).stat().st_size}
 
-    # write_meta -> read_meta gives back exactly what was written (two-file bundle)
+    # write -> load gives back exactly what was written (two-file bundle)
     copy = tmp_path / "openvino_fp32"
     shutil.copytree(bundles["openvino_fp32"], copy)
-    src = read_meta(copy)
-    spec = {k: v for k, v in src.items() if k not in ("_dir", "format_version")}
-    spec["files"] = list(src["files"])
-    returned = write_meta(copy, spec)
-    assert {k: v for k, v in read_meta(copy).items() if k != "_dir"} == returned
-    assert list(returned["files"]) == ["model.xml", "model.bin"]     # primary file first
+    src = BundleMeta.load(copy)
+    src.files = BundleMeta.files_of(*src.files)        # write() fills in sha256 and size again
+    returned = src.write(copy)
+    assert BundleMeta.load(copy) == returned
+    assert list(returned.files) == ["model.xml", "model.bin"]     # primary file first
 
     data = bytearray((copy / "model.bin").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (copy / "model.bin").write_bytes(bytes(data))
     with pytest.raises(BundleError, match="model.bin does not match the sha256"):
-        read_meta(copy)
+        BundleMeta.load(copy)
     with pytest.raises(BundleError):
         load_bundle(copy)
     (copy / "model.bin").unlink()
     with pytest.raises(BundleError, match="model.bin is missing"):
-        read_meta(copy)
+        BundleMeta.load(copy)
 
 
 @pytest.mark.slow
@@ -170,9 +170,9 @@ def test_failed_check_leaves_no_artifact(exported, tiny_checkpoint, tmp_path, mo
 def test_static_batch_onnx(tiny_checkpoint, tmp_path):
     bundles = export_all(tiny_checkpoint, tmp_path / "static", targets=["onnx_fp32"],
                          dynamic_batch=False, progress=lambda s: None)
-    meta = read_meta(bundles["onnx_fp32"])
-    assert meta["input"]["shape"] == [1, 3, 112, 112] and meta["export"]["batch"] == "static"
-    assert meta["validation"]["faces"] == 40     # 40 faces through a batch-1 model
+    meta = BundleMeta.load(bundles["onnx_fp32"])
+    assert meta.input.shape == [1, 3, 112, 112] and meta.export["batch"] == "static"
+    assert meta.validation["faces"] == 40     # 40 faces through a batch-1 model
 
 
 # -- bad input: exit code 2, a message, no traceback ------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from train.loss import LOSSES, l1, l2, pfld, wing
-from train.metrics import fr_auc, nme_per_face, summarize
+from evaluation.metrics import fr_auc, nme_per_face, summarize
 from train.model import PFLD, count_params
 
 

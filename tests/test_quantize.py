@@ -16,7 +16,9 @@ import pytest
 from click.testing import CliRunner
 
 from quantize.backends import BACKENDS, Options, _tflite_label
-from quantize.core import HEADLINE, MIN_CALIB_FACES, REPORT, Settings, load_data, run
+from quantize.core import GATE_SETS, MIN_CALIB_FACES, REPORT, Settings, load_data, run
+
+HEADLINE = GATE_SETS[0]
 from quantize.run import main as cli
 
 CALIB = 64            # calibration faces in the slow tests (the command's default is all ~162)
@@ -48,7 +50,7 @@ def tiny_bundle_dir(tiny_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def broken_wflw(tmp_path_factory, wflw_faces):
     """A WFLW root like ../shared/wflw whose first calibration image is not an image."""
-    from train.data import WFLW_IMAGE_DIR, WFLW_LIST_DIR, calibration_split, default_root
+    from evaluation.data import WFLW_IMAGE_DIR, WFLW_LIST_DIR, calibration_split, default_root
     src = default_root("wflw")
     root = tmp_path_factory.mktemp("wflw_broken")
     shutil.copytree(src / WFLW_LIST_DIR, root / WFLW_LIST_DIR)
@@ -138,7 +140,7 @@ def test_cli_offers_exactly_the_registry():
 
 
 def test_calibration_record_is_deterministic_and_disjoint(wflw_faces):
-    from train.data import calibration_split
+    from evaluation.data import calibration_split
     a = load_data(Settings(calib_samples=20))
     b = load_data(Settings(calib_samples=20))
     c = load_data(Settings(calib_samples=21))
@@ -146,9 +148,9 @@ def test_calibration_record_is_deterministic_and_disjoint(wflw_faces):
     assert a.record["sha256"] == b.record["sha256"] != c.record["sha256"]
     calib, evals = calibration_split(wflw_faces)
     assert [f.source for f in a.calib] == [f.source for f in calib[:20]]
-    assert {f.source for f in a.calib}.isdisjoint(f.source for f in a.sets[0].faces)
-    assert a.sets[0].key == HEADLINE and a.sets[0].protocol == "rect"
-    assert len(a.sets[0].faces) == len(evals) and len(a.sets[2].faces) == 330
+    assert {f.source for f in a.calib}.isdisjoint(f.source for f in a.sets[0].faces())
+    assert a.sets[0].key == HEADLINE == "wflw:eval/rect" and a.sets[0].protocol == "rect"
+    assert len(a.sets[0].faces()) == len(evals) and len(a.sets[2].faces()) == 330
 
 
 def test_tflite_layer_labels_name_the_torch_module():
@@ -176,7 +178,7 @@ def _fp32_dir(out: Path, name: str) -> Path:
 
 
 def _size(meta) -> int:
-    return sum(f["bytes"] for f in meta["files"].values())
+    return meta.bytes
 
 
 def _onnx_ops(d: Path) -> set[str]:
@@ -214,17 +216,17 @@ def test_every_backend_has_quantized_op_checks():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_int8_bundle_is_smaller_and_quantized(shipped_bundles, name):
-    from runtime.bundle import read_meta
+    from runtime.bundle import BundleMeta
     out, report, failed, _ = shipped_bundles
     entry = report["backends"][name]
     assert entry["status"] == "ok", entry.get("reason")
-    int8 = read_meta(out / BACKENDS[name].stage)          # verifies every sha256
-    fp32 = read_meta(_fp32_dir(out, name))
-    assert int8["precision"] == "int8" and int8["engine"] == BACKENDS[name].engine
+    int8 = BundleMeta.load(out / BACKENDS[name].stage)          # verifies every sha256
+    fp32 = BundleMeta.load(_fp32_dir(out, name))
+    assert int8.precision == "int8" and int8.engine == BACKENDS[name].engine
     # int8 weights are a quarter of fp32; int32 biases, scales and graph text add the rest
     # (measured 0.36-0.47 of FP32 for this 0.33 M-parameter network fully quantized); ops the
     # drift search keeps float keep their fp32 weights (the 7x7 s3 conv alone is 15 %)
-    limit = 0.5 if not int8["quantization"]["layers_kept_float"] else 0.75
+    limit = 0.5 if not int8.quantization["layers_kept_float"] else 0.75
     assert _size(int8) < limit * _size(fp32)
     assert QUANTIZED[name](out / BACKENDS[name].stage)
     assert FLOAT_ONLY[name](_fp32_dir(out, name))
@@ -236,21 +238,20 @@ def test_int8_drift_within_budget_on_real_faces(shipped_bundles, name):
     """Re-score FP32 and INT8 bundles here, through the runtime engines, on the WFLW evaluation
     faces with both crop protocols; drift = NME(INT8) - NME(FP32) over every face (the
     command's default rule), or over the faces the FP32 model localises under "ok"."""
-    from runtime.engines import load_bundle
-    from runtime.preprocess import Preprocess
+    from evaluation.data import calibration_split, load_wflw
+    from evaluation.metrics import evaluate
+    from runtime.decode import Landmarker
     from runtime.schemes import get_scheme
-    from train.data import calibration_split, load_wflw
-    from train.metrics import evaluate
     out, report, failed, settings = shipped_bundles
     assert name not in failed, report["backends"][name].get("reason")
     evals = calibration_split(load_wflw())[1]
     cls = BACKENDS[name]
-    engines = {k: load_bundle(d, precision=cls.precision)
-               for k, d in (("fp32", _fp32_dir(out, name)), ("int8", out / cls.stage))}
+    models = {k: Landmarker.open(d, precision=cls.precision)
+              for k, d in (("fp32", _fp32_dir(out, name)), ("int8", out / cls.stage))}
     for protocol in ("rect", "landmarks"):
-        per_face = {k: evaluate(eng, evals, Preprocess.from_meta(meta), get_scheme(meta["scheme"]),
-                                get_scheme("wflw98"), protocol, batch=cls.eval_batch)["_nme"]
-                    for k, (meta, eng) in engines.items()}
+        per_face = {k: evaluate(lm, evals, lm.pre, lm.scheme, get_scheme("wflw98"), protocol,
+                                batch=cls.eval_batch)["_nme"]
+                    for k, lm in models.items()}
         ok = per_face["fp32"] <= 0.10
         assert ok.sum() > 100                           # enough localised faces to mean something
         if settings.drift_faces == "all":
@@ -258,19 +259,19 @@ def test_int8_drift_within_budget_on_real_faces(shipped_bundles, name):
         drift_points = float((per_face["int8"] - per_face["fp32"])[ok].mean() * 100)
         assert abs(drift_points) <= settings.budget, (name, protocol, drift_points)
         # the figure in the report is the one measured here
-        assert report["backends"][name]["nme"][f"wflw_eval_{protocol}"]["drift_points"] == \
+        assert report["backends"][name]["nme"][f"wflw:eval/{protocol}"]["drift_points"] == \
             pytest.approx(drift_points, abs=1e-9)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_int8_meta_records_calibration_and_lineage(shipped_bundles, name, wflw_faces):
-    from runtime.bundle import read_meta
-    from train.data import calibration_split
+    from evaluation.data import calibration_split
+    from runtime.bundle import BundleMeta
     out, report, _, settings = shipped_bundles
-    meta = read_meta(out / BACKENDS[name].stage)
-    fp32 = read_meta(_fp32_dir(out, name))
-    q = meta["quantization"]
+    meta = BundleMeta.load(out / BACKENDS[name].stage)
+    fp32 = BundleMeta.load(_fp32_dir(out, name))
+    q = meta.quantization
     cal = q["calibration"]
     assert cal["count"] == CALIB == len(cal["faces"])
     lines = sorted(f"{f['image']}|{f['annotation']}" for f in cal["faces"])
@@ -282,14 +283,15 @@ def test_int8_meta_records_calibration_and_lineage(shipped_bundles, name, wflw_f
     assert {f["annotation"] for f in cal["faces"]} == want
     assert q["method"] == settings.method and q["preset"] == settings.preset
     assert isinstance(q["layers_kept_float"], list)
-    assert meta["parent"]["sha256"] == next(iter(fp32["files"].values()))["sha256"]
-    assert (out / BACKENDS[name].stage / meta["parent"]["path"]).resolve() == \
+    assert meta.lineage.parent["sha256"] == fp32.sha256
+    assert (out / BACKENDS[name].stage / meta.lineage.parent["path"]).resolve() == \
         _fp32_dir(out, name).resolve()
-    assert meta["preprocess"] == fp32["preprocess"] and meta["scheme"] == fp32["scheme"]
-    v = meta["validation"]
-    assert v["within_budget"] and v["gated"] == ["wflw_eval_rect", "wflw_eval_landmarks"]
+    assert meta.preprocess == fp32.preprocess and meta.outputs == fp32.outputs
+    assert meta.lineage.source_checkpoint == fp32.lineage.source_checkpoint
+    v = meta.validation
+    assert v["within_budget"] and v["gated"] == ["wflw:eval/rect", "wflw:eval/landmarks"]
     assert all(abs(v["drift_points"][k]) <= settings.budget for k in v["gated"])
-    assert set(v["drift_points"]) == {HEADLINE, "wflw_eval_landmarks", "helen_test_landmarks"}
+    assert set(v["drift_points"]) == {HEADLINE, "wflw:eval/landmarks", "300w:helen_test/landmarks"}
 
 
 @pytest.mark.slow
@@ -297,7 +299,7 @@ def test_report_has_the_figures(shipped_bundles):
     out, report, _, settings = shipped_bundles
     on_disk = json.loads((out / REPORT).read_text())
     assert on_disk["budget_points"] == settings.budget and on_disk["headline"] == HEADLINE
-    assert on_disk["evaluation_sets"]["helen_test_landmarks"]["count"] == 330
+    assert on_disk["evaluation_sets"]["300w:helen_test/landmarks"]["count"] == 330
     for name in BACKENDS:
         e = on_disk["backends"][name]
         assert 0 < e["size"]["ratio"] < 1
@@ -353,13 +355,12 @@ def test_every_backend_has_a_weight_check():
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_excluded_layer_stays_float(shipped_bundles, name, tmp_path, wflw_faces):
     """What the drift search relies on: `exclude` keeps a layer float, `only` quantizes it alone."""
-    from runtime.bundle import read_meta
-    from runtime.preprocess import Preprocess
-    from train.data import calibration_split
-    from train.metrics import face_batch
+    from evaluation.data import calibration_split
+    from evaluation.metrics import face_batch
+    from runtime.bundle import BundleMeta
     out = shipped_bundles[0]
-    meta = read_meta(_fp32_dir(out, name))
-    x = face_batch(calibration_split(wflw_faces)[0][:MIN_CALIB_FACES], Preprocess.from_meta(meta))
+    meta = BundleMeta.load(_fp32_dir(out, name))
+    x = face_batch(calibration_split(wflw_faces)[0][:MIN_CALIB_FACES], meta.preprocess)
     b = BACKENDS[name](meta, tmp_path / "work")
     b.quantize(x, Options(), tmp_path / "full")
     layers = b.layers(tmp_path / "full")

@@ -12,25 +12,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import export_onnx
 
 REPO = Path(__file__).resolve().parents[1]
 FORBIDDEN = ("torch", "train", "export", "benchmark", "quantize")
 
 
 # -- fixtures ---------------------------------------------------------------------------------
-def _export_onnx(checkpoint: Path, out: Path) -> Path:
-    from export.stages import export_all
-    return export_all(checkpoint, out, targets=["onnx_fp32"], progress=lambda s: None)["onnx_fp32"]
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tiny_checkpoint, tmp_path_factory):
-    return _export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("tiny_bundle") / "tiny")
-
-
 @pytest.fixture(scope="session")
 def dev_bundle(shipped_checkpoint, tmp_path_factory):
-    return _export_onnx(shipped_checkpoint, tmp_path_factory.mktemp("dev_bundle") / "dev")
+    return export_onnx(shipped_checkpoint, tmp_path_factory.mktemp("dev_bundle") / "dev")
 
 
 @pytest.fixture(scope="session")
@@ -94,17 +85,16 @@ def test_every_runtime_module_imports_without_torch_or_other_stages(device):
 
 def test_image_from_copied_folder_matches_evaluation_path(device, dev_bundle, wflw_faces,
                                                           helen_faces_found, tmp_path):
-    """The pipeline's points are exactly what train.metrics.predict_faces (the evaluation and
+    """The pipeline's points are exactly what evaluation.metrics.predict_faces (the evaluation and
     benchmark path, same engine) gives for the crop box the pipeline reports, with and without
     the second (refine) pass; and run.py from the copied folder prints the same (to the 0.01 px
     of its JSON)."""
-    from runtime.engines import load_bundle
+    from evaluation.data import Face
+    from evaluation.metrics import predict_faces
+    from runtime.decode import Landmarker
     from runtime.pipeline import Pipeline
-    from runtime.preprocess import Preprocess
-    from train.data import Face
-    from train.metrics import predict_faces
-    meta, engine = load_bundle(dev_bundle)
-    pre = Preprocess.from_meta(meta)
+    engine = Landmarker.open(dev_bundle)
+    pre = engine.pre
     checked = 0
     for i, face in enumerate(list(helen_faces_found[:3]) + wflw_faces[:3]):
         img = tmp_path / f"face{i}.jpg"        # run from an unrelated working folder

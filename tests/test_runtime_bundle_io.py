@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.bundle import atomic_write_json, staging_dir, write_meta
+from runtime.bundle import BundleMeta, OutputSpec, atomic_write_json, staging_dir
 from runtime.engines import LiteRTEngine
 from runtime.preprocess import Preprocess
 from train.engine import load_checkpoint, model_from_checkpoint
-from train.metrics import face_batch
+from evaluation.metrics import face_batch
 
 
 def _umask() -> int:
@@ -25,7 +25,8 @@ def test_bundle_folder_and_files_get_the_usual_modes(tmp_path):
     # mkdtemp/mkstemp give 0700/0600; a device service user could not read such a bundle
     with staging_dir(tmp_path / "b") as tmp:
         (tmp / "model.onnx").write_bytes(b"x")
-        write_meta(tmp, {"files": ["model.onnx"]})
+        BundleMeta("b", "onnxruntime", "fp32", BundleMeta.files_of("model.onnx"), Preprocess(),
+                   [OutputSpec()]).write(tmp)
     atomic_write_json(tmp_path / "report.json", {})
     mask = _umask()
     assert (tmp_path / "b").stat().st_mode & 0o777 == 0o777 & ~mask
@@ -39,7 +40,7 @@ def test_fixed_batch_tflite_runs_any_batch(tiny_checkpoint, wflw_faces, tmp_path
         pytest.skip(LiteRTEngine.available()[1])
     ck = load_checkpoint(tiny_checkpoint)
     model = model_from_checkpoint(ck)
-    x = face_batch(wflw_faces[:5], Preprocess.from_meta(ck), "rect")
+    x = face_batch(wflw_faces[:5], Preprocess.from_dict(ck["preprocess"]), "rect")
     litert_torch.convert(model, (torch.from_numpy(x[:1]),)).export(str(tmp_path / "m.tflite"))
     with torch.inference_mode():
         ref = model(torch.from_numpy(x)).numpy()

@@ -13,10 +13,10 @@ import torch
 
 from runtime.preprocess import Preprocess
 from runtime.schemes import get_scheme
-from train import data as D
+from evaluation import data as D
 from train.engine import (TrainConfig, load_checkpoint, model_from_checkpoint, split_holdout,
                           steps_per_rank, torch_predictor, train)
-from train.metrics import evaluate
+from evaluation.metrics import evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,7 +118,7 @@ def test_wflw_training_path_end_to_end(tmp_path, wflw_faces):
     model = model_from_checkpoint(ck)
     test = D.load_wflw(tmp_path / "wflw", "test")
     for protocol in ("landmarks", "rect"):
-        r = evaluate(torch_predictor(model), test, Preprocess.from_meta(ck), get_scheme(98),
+        r = evaluate(torch_predictor(model), test, Preprocess.from_dict(ck["preprocess"]), get_scheme(98),
                      get_scheme(98), protocol)
         assert r["count"] == 8 and np.isfinite(r["nme"]) and "subsets" in r
 
@@ -146,7 +146,7 @@ def test_shipped_model_accuracy(shipped_checkpoint, helen_faces):
     issue's acceptance bound of 4.5%, and the shipped file's soup record (train/soup.py)."""
     ck = load_checkpoint(shipped_checkpoint)
     r = evaluate(torch_predictor(model_from_checkpoint(ck)), helen_faces,
-                 Preprocess.from_meta(ck), get_scheme(68), get_scheme(68), "landmarks")
+                 Preprocess.from_dict(ck["preprocess"]), get_scheme(68), get_scheme(68), "landmarks")
     assert r["count"] == 330
     assert r["nme"] <= 0.045
     assert r["nme"] == pytest.approx(0.04493, abs=5e-5)     # the figure the README states

@@ -22,11 +22,11 @@ from tqdm import tqdm
 from runtime.bundle import atomic_write_bytes
 from runtime.pose import head_pose
 from runtime.preprocess import Preprocess
-from runtime.schemes import Scheme, get_scheme
-from train import data as D
+from runtime.schemes import get_scheme
+from evaluation import data as D
 from train.augment import AugmentConfig, augment_sets
 from train.loss import LOSSES
-from train.metrics import evaluate
+from evaluation.metrics import evaluate
 from train.model import PFLD, build, count_params
 
 SCHEME_OF = {"wflw": "wflw98", "300w": "300w68"}

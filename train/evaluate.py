@@ -1,36 +1,44 @@
 """Score a checkpoint on the real test faces: 300-W (68 points) and WFLW under both crop
-protocols (through the 98 -> 68 map for a 68-point model), per WFLW attribute subset."""
+protocols, per WFLW attribute subset. Each set is scored with the model's native head for it
+(evaluation.sets.scorings): a 68-point model on WFLW through the 98 -> 68 map, a two-head
+model with all 98 points on WFLW plus the "@68" figure."""
 from __future__ import annotations
 
 from pathlib import Path
 
+from evaluation.metrics import evaluate, plot_ced
+from evaluation.sets import scored_set, scorings
 from runtime.bundle import atomic_write_json
 from runtime.preprocess import Preprocess
 from runtime.schemes import get_scheme
-from train import data as D
 from train.engine import load_checkpoint, model_from_checkpoint, torch_predictor
-from train.metrics import evaluate, plot_ced
+from train.model import head_names
+
+SETS = ("wflw:test/landmarks", "wflw:test/rect")
 
 
-def evaluate_checkpoint(checkpoint, wflw=None, w300=None, w300_split="helen_test", out=None) -> dict:
+def evaluate_checkpoint(checkpoint, wflw=None, w300=None, w300_split="helen_test", out=None,
+                        sets=None) -> dict:
     ck = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ck)
-    pre = Preprocess.from_meta(ck)
-    scheme = get_scheme(ck["scheme"])
-    predict = torch_predictor(model)
-    sets = [("300w:" + w300_split, D.load_300w(w300, w300_split), get_scheme("300w68"), "landmarks")]
-    wflw_faces = D.load_wflw(wflw, "test")
-    sets += [("wflw:test", wflw_faces, get_scheme("wflw98"), p) for p in ("landmarks", "rect")]
-    res, curves = {"checkpoint": str(checkpoint), "scheme": scheme.name,
+    pre = Preprocess.from_dict(ck["preprocess"])
+    heads = head_names(ck["arch"])
+    schemes = list(ck["arch"]["heads"]) if ck["arch"].get("heads") else [ck["scheme"]]
+    keys = sets or (f"300w:{w300_split}/landmarks", *SETS)
+    res, curves = {"checkpoint": str(checkpoint), "scheme": ck["scheme"], "heads": schemes,
                    "width": ck["arch"]["width"], "params": ck.get("params"),
                    "epochs": ck.get("epoch"), "train_time_s": ck["history"][-1].get("elapsed_s")
                    if ck.get("history") else None}, {}
-    for name, faces, ds_scheme, protocol in sets:
-        r = evaluate(predict, faces, pre, scheme, ds_scheme, protocol)
-        key = f"{name}/{protocol}"
-        curves[key] = r.pop("_nme")
-        r.pop("_points")
-        res[key] = r
+    for key in keys:
+        s = scored_set(key, {"wflw": wflw, "300w": w300}.get(key.split(":")[0]))
+        for sc in scorings(schemes, s.scheme):
+            predict = torch_predictor(model, heads[sc.output] if ck["arch"].get("heads") else None)
+            r = evaluate(predict, s.faces(), pre, get_scheme(schemes[sc.output]),
+                         get_scheme(s.scheme), s.protocol, as68=sc.as68)
+            curves[s.key + sc.suffix] = r.pop("_nme")
+            r.pop("_points")
+            r["head"] = schemes[sc.output]
+            res[s.key + sc.suffix] = r
     if out:
         out = Path(out)
         atomic_write_json(out / "eval.json", res)

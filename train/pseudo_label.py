@@ -30,7 +30,9 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from runtime.bundle import atomic_write_bytes, atomic_write_json, sha256
+from runtime.bundle import (BundleMeta, SpecError, atomic_write_bytes, atomic_write_json,
+                            load_spec, sha256)
+from runtime.decode import Landmarker
 from runtime.engines import ENGINES, load_bundle
 from runtime.preprocess import Preprocess, landmark_box
 from runtime.schemes import Scheme, get_scheme
@@ -69,39 +71,45 @@ class LabelSettings:
 
 @dataclass
 class Teacher:
+    """A model run through the runtime's engines and decoders (runtime.decode.Landmarker)."""
     name: str
-    pre: Preprocess
-    scheme: Scheme
-    engine: object
+    model: Landmarker
     sha256: str
 
+    @property
+    def pre(self) -> Preprocess:
+        return self.model.pre
+
+    @property
+    def scheme(self) -> Scheme:
+        return self.model.scheme
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.engine(x), np.float32)
+        return self.model(x)
 
 
 def load_teacher(model: str | Path, spec: str | Path | None = None, engine: str | None = None,
-                 threads: int = 1) -> Teacher:
-    """A teacher from a bundle folder, or from a model file and its spec JSON."""
+                 threads: int = 1, output: str | int | None = "wflw98") -> Teacher:
+    """A teacher from a bundle folder (any engine's), or from a model file and its spec JSON.
+    `output` picks the head of a multi-head bundle (default: its 98-point one, else the first)."""
     model = Path(model)
     if model.is_dir():
         meta, eng = load_bundle(model, engine, threads=threads, precision="f32")
-        return Teacher(model.name, Preprocess.from_meta(meta), get_scheme(meta["scheme"]), eng,
-                       sha256(Path(meta["_dir"]) / next(iter(meta["files"]))))
+        which = output if any(output in (o.scheme, o.num_points) for o in meta.outputs) else None
+        return Teacher(model.name, Landmarker(meta, eng, which), meta.sha256)
     if spec is None:
         raise LabelError(f"teacher {model} is a model file: give its spec JSON too (--teacher-spec)")
-    from runtime.bundle import load_spec
-    s = load_spec(spec)
-    if s["output_units"] != "normalised" or s["output_order"] != "xyxy" or s["layout"] != "NCHW":
-        raise LabelError(f"{spec}: a teacher must be NCHW with normalised xyxy output; import it "
-                         "as a bundle first (export/run.py import) to adapt other layouts")
+    try:
+        s = load_spec(spec)
+    except SpecError as e:
+        raise LabelError(str(e)) from None
     name = engine or s.get("engine") or next(
         (n for n, c in ENGINES.items() if model.suffix in c.suffixes), None)
     if name is None:
         raise LabelError(f"teacher {model}: no engine runs {model.suffix} files")
-    pre = Preprocess(s["input_size"], s["color"], tuple(s["mean"]), tuple(s["std"]),
-                     float(s["crop_scale"]), float(s["box_shift_y"]))
-    return Teacher(model.stem, pre, get_scheme(s["scheme"]),
-                   ENGINES[name](model, threads=threads, precision="f32"), sha256(model))
+    meta = BundleMeta.from_spec(model, s, name, spec)
+    eng = ENGINES[name](model, threads=threads, precision="f32")
+    return Teacher(model.stem, Landmarker(meta, eng), sha256(model))
 
 
 # -- faces --------------------------------------------------------------------------------------
@@ -156,7 +164,7 @@ def load_pool(root: str | Path) -> list[PoolFace]:
 
 def fit_box_rule(faces, detect: Callable[[np.ndarray], np.ndarray], crop_scale: float,
                  name: str) -> BoxRule:
-    """Fit the detector-box -> teacher-crop rule on labelled faces (train.data.Face).
+    """Fit the detector-box -> teacher-crop rule on labelled faces (evaluation.data.Face).
 
     For each face the detector box that contains the centre of the landmark extent is matched;
     scale = median(crop_scale x extent side / box side), dx, dy = median(centre offset / box
@@ -321,7 +329,7 @@ def pseudo_label(teacher: Teacher, images: str, out: str | Path, detector: str |
     """Label a pool folder (faces.tsv: start boxes from its detector boxes through a box rule
     fitted on the 300-W training faces) or a labelled set DATASET:SPLIT (start boxes from the
     landmark extent); write/reuse `out`.npz/.json. Returns label_faces' result."""
-    from train import data as D
+    from evaluation import data as D
     if ":" in images and not Path(images).exists():
         ds, _, split = images.partition(":")
         faces = D.load(ds, split, data_root)

@@ -9,14 +9,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import click  # noqa: E402
+import click
 
-from train.augment import AugmentConfig  # noqa: E402
-from train.engine import TrainConfig  # noqa: E402
+from train.augment import AugmentConfig
+from train.engine import TrainConfig
 
 DEFAULTS = TrainConfig()
 

@@ -4,12 +4,10 @@
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import click  # noqa: E402
+import click
 
 KEEP = ("arch", "scheme", "preprocess", "model", "epoch", "step", "history", "config", "params",
         "soup")

@@ -10,12 +10,10 @@ faces are never looked at.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import click  # noqa: E402
+import click
 
 
 def average(states: list[dict]) -> dict:
@@ -48,7 +46,7 @@ def greedy_soup(paths: list[str], data_root: str | None = None, threads: int = 0
     from runtime.schemes import get_scheme
     from train.engine import (SCHEME_OF, load_checkpoint, model_from_checkpoint, torch_predictor,
                               training_faces)
-    from train.metrics import evaluate
+    from evaluation.metrics import evaluate
 
     if threads:
         torch.set_num_threads(threads)
@@ -67,7 +65,7 @@ def greedy_soup(paths: list[str], data_root: str | None = None, threads: int = 0
         raise ValueError("the checkpoints were trained without a held-out split (val_fraction 0); "
                          "there are no faces to choose the soup on")
     faces = training_faces(dataset, train_split, data_root, limit, fraction)[1]
-    pre = Preprocess.from_meta(cks[0])
+    pre = Preprocess.from_dict(cks[0]["preprocess"])
     scheme = get_scheme(cks[0]["scheme"])
     ds_scheme = get_scheme(SCHEME_OF[dataset])
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from runtime.preprocess import Preprocess, landmark_box
 from runtime.schemes import Scheme
-from train.data import WFLW_ATTRIBUTES, Face
+from evaluation.data import WFLW_ATTRIBUTES, Face
 
 PROTOCOLS = {
     "landmarks": "crop from the extent of the ground-truth landmarks",
@@ -75,12 +75,18 @@ def predict_faces(predict: Callable[[np.ndarray], np.ndarray], faces: Sequence[F
 
 
 def score(points: np.ndarray, faces: Sequence[Face], model_scheme: Scheme,
-          data_scheme: Scheme) -> np.ndarray:
+          data_scheme: Scheme, as68: bool = False) -> np.ndarray:
     """Per-face NME of predictions in `model_scheme` against ground truth in `data_scheme`.
 
-    A 68-point model is scored on 98-point faces through the standard 98 -> 68 map.
+    A 68-point model is scored on 98-point faces (and a 98-point model on 68-point faces)
+    through the standard 98 -> 68 index map; `as68` scores a 98-point model on 98-point faces
+    through that map too (both sides), comparable with a 68-point model's figure.
     """
     gt = np.stack([f.points for f in faces]).astype(np.float64)
+    if as68 and model_scheme.to_68 is not None and data_scheme.to_68 is not None:
+        from runtime.schemes import get_scheme
+        return nme_per_face(model_scheme.as_68(points), data_scheme.as_68(gt),
+                            get_scheme("300w68").eye_corners)
     if model_scheme.num_points == data_scheme.num_points:
         return nme_per_face(points, gt, data_scheme.eye_corners)
     if model_scheme.num_points == 68 and data_scheme.to_68 is not None:
@@ -91,9 +97,9 @@ def score(points: np.ndarray, faces: Sequence[Face], model_scheme: Scheme,
 
 
 def evaluate(predict, faces, pre: Preprocess, model_scheme: Scheme, data_scheme: Scheme,
-             protocol: str = "landmarks", batch: int = 32, progress=None) -> dict:
+             protocol: str = "landmarks", batch: int = 32, progress=None, as68: bool = False) -> dict:
     pts = predict_faces(predict, faces, pre, protocol, batch, progress)
-    nme = score(pts, faces, model_scheme, data_scheme)
+    nme = score(pts, faces, model_scheme, data_scheme, as68)
     res = summarize(nme, np.stack([f.attributes for f in faces]))
     res["protocol"] = protocol
     res["_nme"] = nme
