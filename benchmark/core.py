@@ -30,7 +30,7 @@ from typing import Callable
 from benchmark import records as R
 from benchmark.measure import EVAL_SETS, load_sets
 from benchmark.targets import Target, checkpoint_target, discover_bundles, external_target
-from benchmark.torch_engine import bench_engines
+from benchmark.torch_engine import TorchEngine, bench_engines
 from runtime.bundle import PRECISIONS, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,6 +187,8 @@ def plan(cfg: BenchConfig) -> list[Row]:
             continue
         folder = next((b for b in cfg.bundles if Path(b).name == model), model)
         for backend in backends:
+            if backend == TorchEngine.name and model != owner:
+                continue            # the torch engine runs checkpoints only: the reference row
             cls = bench_engines()[backend]
             for precision in cfg.precisions:
                 if precision not in getattr(cls, "precisions", PRECISIONS):

@@ -252,9 +252,9 @@ def build_tflite_fp32(job: Job, folder: Path, src: None) -> dict:
             return {"files": ["model.tflite"], **_tflite_io(folder / "model.tflite"),
                     "opset": None, "conversion": {"tool": "imported as is"}}
         raise TargetSkipped(
-            "no ONNX -> TFLite converter in this environment: onnx2tf needs its own "
-            "TensorFlow environment (see TOOLCHAIN notes); convert the model with it and "
-            "import the .tflite with the same spec")
+            "no ONNX -> TFLite converter is installed in this environment (onnx2tf needs a "
+            "TensorFlow environment of its own); convert the model with onnx2tf and import "
+            "the .tflite with the same spec")
     import litert_torch
     import torch
     # NHWC input, the TFLite convention (runtime.engines transposes NCHW batches for it). The

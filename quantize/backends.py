@@ -153,12 +153,26 @@ class OnnxRuntimeQuantizer(Backend):
     methods = {"minmax": "CalibrationMethod.MinMax (min/max over all calibration faces)",
                "percentile": "CalibrationMethod.Percentile (99.999th percentile of |x|)",
                "entropy": "CalibrationMethod.Entropy (KL-divergence threshold)"}
+    MIN_OPSET = 13     # per-channel QDQ (DequantizeLinear's axis) needs opset 13
+
+    upgraded_from: int | None = None
+
     def _prepared(self) -> Path:
-        """quant_pre_process once: shape inference + ORT graph optimisation before QDQ."""
+        """quant_pre_process once: shape inference + ORT graph optimisation before QDQ. A graph
+        of an older opset (an imported model) is converted to MIN_OPSET first."""
         pre = self.work / "pre.onnx"
         if not pre.is_file():
+            import onnx
             from onnxruntime.quantization import quant_pre_process
-            quant_pre_process(str(self.src), str(pre))
+            src = self.src
+            m = onnx.load(str(src))
+            opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 0)
+            if opset < self.MIN_OPSET:
+                from onnx import version_converter
+                src = self.work / f"opset{self.MIN_OPSET}.onnx"
+                onnx.save(version_converter.convert_version(m, self.MIN_OPSET), str(src))
+                self.upgraded_from = opset
+            quant_pre_process(str(src), str(pre))
         return pre
 
     def _layers_of(self, int8_dir):
@@ -209,7 +223,10 @@ class OnnxRuntimeQuantizer(Backend):
                       if o.domain in ("", "ai.onnx")), None)
         return {"files": [self.primary], "opset": opset, "settings": {
             "tool": "onnxruntime.quantization.quantize_static", "format": "QDQ",
-            "pre_process": "quant_pre_process", "activations": str(act).split(".")[-1],
+            "pre_process": "quant_pre_process" + (
+                f" after onnx.version_converter opset {self.upgraded_from} -> {self.MIN_OPSET}"
+                if self.upgraded_from else ""),
+            "activations": str(act).split(".")[-1],
             "weights": "QInt8", "per_channel": opts.per_channel, "reduce_range": False,
             "activation_symmetric": opts.preset == "arm", "calibrate_method": str(method),
             "nodes_to_exclude": list(exclude)}}
