@@ -41,7 +41,8 @@ def record_id(model: str, name: str, device: str, threads, hint: str) -> str:
 def accuracy_entry(r: dict) -> dict:
     """evaluation.metrics.evaluate's dict -> the record's accuracy entry (threshold 0.10)."""
     out = {"nme": r["nme"], "fr": r["fr_0.10"], "auc": r["auc_0.10"], "threshold": 0.10,
-           "count": r["count"], "protocol": r.get("protocol")}
+           "count": r["count"], "protocol": r.get("protocol"), "output": r.get("output"),
+           "through_98_to_68": r.get("through_98_to_68")}
     if r.get("subsets"):
         out["subsets"] = r["subsets"]
     return out

@@ -25,6 +25,14 @@ def _labeler(records: list[dict]):
     return lambda r: (f"{r['model']}/" if multi else "") + row_label(r)
 
 
+def _figure(acc: dict, key: str) -> dict:
+    """A row's figure for a column; a 68-point-only model's WFLW figure is its "@68" one."""
+    if key in acc or not key.endswith("@68"):
+        return acc.get(key, {})
+    base = acc.get(key[:-3], {})
+    return base if base.get("output") == "300w68" else {}
+
+
 def _sets(records: list[dict], man: dict | None = None) -> list[str]:
     """The scored-set keys of a run, in the configured order, each followed by its "@68"
     figure where some row has one."""
@@ -114,7 +122,7 @@ def markdown(man: dict, records: list[dict]) -> str:
                _f((r.get("pipeline_latency") or {}).get("median_ms")),
                _f(r.get("size_bytes"), "{:.0f}", 1 / 1024), _f(r.get("load_s"), "{:.3f}"),
                _f(r.get("peak_rss_mb"), "{:.1f}")]
-        row += [_f(acc.get(s, {}).get("nme"), "{:.2f}", 100) for s in sets]
+        row += [_f(_figure(acc, s).get("nme"), "{:.2f}", 100) for s in sets]
         row += [_f(d.get("max_abs_nme_delta"), "{:.3f}", 100), _f(d.get("max_shift_px"), "{:.3f}")]
         lines.append("| " + " | ".join(row) + " |")
 

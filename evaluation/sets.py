@@ -169,9 +169,9 @@ def scorings(output_schemes: list[str], set_scheme: str) -> list[Scoring]:
     figure a 68-point model reports, so old and new models compare."""
     native = [i for i, s in enumerate(output_schemes) if s == set_scheme]
     out = [Scoring("", native[0] if native else 0)]
-    if set_scheme == "wflw98":
+    if set_scheme == "wflw98" and native:
         h68 = [i for i, s in enumerate(output_schemes) if s == "300w68"]
-        out.append(Scoring("@68", h68[0]) if h68 else Scoring("@68", native[0] if native else 0, True))
+        out.append(Scoring("@68", h68[0]) if h68 else Scoring("@68", native[0], True))
     return out
 
 
