@@ -1,0 +1,205 @@
+"""Learning from a teacher: pseudo-labels of real pool faces by the real PFLD-GhostOne (cached,
+flip-consistent), the fitted 98 -> 68 map, a multi-head training step that supervises only the
+heads a face has labels for, and the export of both heads with parity."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.schemes import get_scheme
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+GHOST = SHARED / "teachers" / "pfld_ghostone" / "PFLD_GhostOne_112_1_opt_sim.onnx"
+SPEC = REPO / "specs" / "pfld_ghostone.json"
+POOL = SHARED / "wider_unlabeled"
+YUNET = SHARED / "detectors" / "yunet" / "face_detection_yunet_2023mar.onnx"
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    from train.pseudo_label import load_teacher
+    return load_teacher(GHOST, SPEC)
+
+
+@pytest.fixture(scope="module")
+def pool_faces():
+    from train.pseudo_label import load_pool
+    faces = load_pool(POOL)
+    assert len(faces) == 6797
+    return faces[:24]
+
+
+def test_pool_reader_names_the_line(tmp_path):
+    from train.pseudo_label import LabelError, load_pool
+    lines = (POOL / "faces.tsv").read_text().splitlines()[:3]
+    bad = lines[2].split("\t")
+    bad[4] = "left"
+    (tmp_path / "faces.tsv").write_text("\n".join([lines[0], lines[1], "\t".join(bad)]) + "\n")
+    with pytest.raises(LabelError, match=r"faces.tsv:3: non-numeric value"):
+        load_pool(tmp_path)
+    (tmp_path / "faces.tsv").write_text("crop\tscore\n")
+    with pytest.raises(LabelError, match=r"faces.tsv:1: header lacks"):
+        load_pool(tmp_path)
+
+
+def test_labels_are_cached_keyed_and_flip_consistent(teacher, pool_faces, tmp_path):
+    from train.pseudo_label import BoxRule, LabelSettings, label_faces
+    settings = LabelSettings(BoxRule(1.0, 0.0, 0.1, "test"))
+    paths = [f.image_path for f in pool_faces]
+    boxes = np.array([settings.box_rule.apply(f.box) for f in pool_faces])
+    first = label_faces(teacher, paths, boxes, settings, tmp_path / "lab")
+    assert not first["reused"] and first["points"].shape == (24, 98, 2)
+    again = label_faces(teacher, paths, boxes, settings, tmp_path / "lab")
+    assert again["reused"] and np.array_equal(again["points"], first["points"])
+    # another setting is another key: labelled again, not reused
+    other = label_faces(teacher, paths, boxes, LabelSettings(settings.box_rule, flip=False),
+                        tmp_path / "lab")
+    assert not other["reused"]
+    info = json.loads((tmp_path / "lab.json").read_text())
+    assert info["teacher_sha256"] == teacher.sha256 and info["faces"] == 24
+    # the flipped pass, un-mirrored, agrees with the plain one on most faces: median
+    # disagreement a few % of the eye distance (a broken mirror table gives tens of %)
+    assert np.median(first["dis_flip"]) < 0.06
+    # the label is the mean of the two refined passes and lies inside the crop image
+    assert np.allclose(first["points"], (first["p2"] + first["p3"]) / 2, atol=1e-4)
+    for f, p in zip(pool_faces, first["points"]):
+        x0, y0, x1, y1 = f.box
+        c = p.mean(0)
+        side = max(x1 - x0, y1 - y0)
+        assert abs(c[0] - (x0 + x1) / 2) < side and abs(c[1] - (y0 + y1) / 2) < side
+
+
+def test_teacher_labels_of_labelled_faces_are_close_to_the_truth(teacher, helen_faces, tmp_path):
+    """On 300-W faces (not WFLW) the teacher's 98 points, mapped to 68, land near the truth:
+    what makes its labels worth learning from."""
+    from evaluation.metrics import nme_per_face
+    from runtime.preprocess import landmark_box
+    from train.pseudo_label import BoxRule, LabelSettings, label_faces
+    faces = helen_faces[:20]
+    rule = BoxRule(1.2)
+    res = label_faces(teacher, [f.image_path for f in faces],
+                      np.array([rule.apply(landmark_box(f.points)) for f in faces]),
+                      LabelSettings(rule))
+    gt = np.stack([f.points for f in faces])
+    nme = nme_per_face(get_scheme("wflw98").as_68(res["points"]), gt, (36, 45))
+    assert nme.mean() < 0.06
+
+
+def test_box_rule_is_fitted_on_training_faces():
+    from evaluation.data import load_300w
+    from train.pseudo_label import fit_box_rule, yunet_boxes
+    faces = load_300w(split="train")[:60]
+    rule = fit_box_rule(faces, yunet_boxes(YUNET), 1.2, "300w:train[:60]")
+    # YuNet's box is about the landmark extent, a bit higher: crop ~1.2 x box, moved down
+    assert 0.9 < rule.scale < 1.5 and 0.0 < rule.dy < 0.3 and abs(rule.dx) < 0.1
+
+
+def test_linear_point_map_beats_the_index_map_on_held_out_faces(teacher):
+    """Fitted on some 300-W training faces, scored on others (never test faces)."""
+    from evaluation.data import load_300w
+    from evaluation.metrics import nme_per_face
+    from runtime.preprocess import landmark_box
+    from train.pointmap import PointMap
+    from train.pseudo_label import BoxRule, LabelSettings, label_faces
+    faces = load_300w(split="train")[::10][:200]
+    rule = BoxRule(1.2)
+    res = label_faces(teacher, [f.image_path for f in faces],
+                      np.array([rule.apply(landmark_box(f.points)) for f in faces]),
+                      LabelSettings(rule))
+    gt = np.stack([f.points for f in faces])
+    fit, held = slice(0, 150), slice(150, 200)
+    m = PointMap.fit(res["points"][fit], gt[fit])
+    linear = nme_per_face(m(res["points"][held]), gt[held], (36, 45)).mean()
+    index = nme_per_face(PointMap.index()(res["points"][held]), gt[held], (36, 45)).mean()
+    assert linear < index - 0.005
+    # the map commutes with moving and scaling the face
+    p = res["points"][:3]
+    assert np.allclose(m(p * 2 + 7), m(p) * 2 + 7, atol=1e-3)
+
+
+def _labels_file(path: Path, faces, scheme="wflw98", points=None):
+    """A label file in pseudo_label's format for `faces` (points: the given ones)."""
+    from runtime.bundle import atomic_write_json
+    pts = np.stack([f.points for f in faces]) if points is None else points
+    np.savez(f"{path}.npz", points=pts.astype(np.float32),
+             dis_flip=np.full(pts.shape[:2], 0.01, np.float32))
+    atomic_write_json(Path(f"{path}.json"), {"scheme": scheme, "paths": [str(f.image_path) for f in faces],
+                                             "faces": len(faces)})
+
+
+def test_multi_head_step_supervises_only_labelled_heads(tmp_path, helen_faces):
+    """Pool faces with only 98-point labels give the 68 head no gradient (with --pool-68 none):
+    its weights change only through faces that carry 68-point labels."""
+    from train.engine import Item, TrainConfig, _batch_loss, make_batch
+    from train.model import PFLD
+    from runtime.preprocess import Preprocess
+    torch.manual_seed(0)
+    model = PFLD(0, 0.25, heads={"300w68": 68, "wflw98": 98})
+    f98 = [f for f in helen_faces[:4]]
+    pts98 = np.stack([np.concatenate([f.points, f.points[:30]]) for f in f98])   # any 98 points
+    items = [Item(f, {"wflw98": p}, {"wflw98": np.ones(98, np.float32)}) for f, p in zip(f98, pts98)]
+    x, targets, pose, attrs = make_batch(items, range(4), ["300w68", "wflw98"], Preprocess(),
+                                         np.random.default_rng(0), TrainConfig().augment)
+    assert not targets["300w68"][1].any() and targets["wflw98"][1].all()
+    loss, _ = _batch_loss(TrainConfig(loss="wing"), model, ["300w68", "wflw98"], x, targets, pose, attrs)
+    loss.backward()
+    assert model.heads["300w68"].weight.grad is None or not model.heads["300w68"].weight.grad.any()
+    assert model.heads["wflw98"].weight.grad.abs().sum() > 0
+    # a 300-W face with its real 68 points reaches the 68 head
+    model.zero_grad()
+    items = [Item(f, {"300w68": f.points}, {"300w68": np.ones(68, np.float32)}) for f in f98]
+    x, targets, pose, attrs = make_batch(items, range(4), ["300w68", "wflw98"], Preprocess(),
+                                         np.random.default_rng(0), TrainConfig().augment)
+    loss, _ = _batch_loss(TrainConfig(loss="wing"), model, ["300w68", "wflw98"], x, targets, pose, attrs)
+    loss.backward()
+    assert model.heads["300w68"].weight.grad.abs().sum() > 0
+    assert model.heads["wflw98"].weight.grad is None or not model.heads["wflw98"].weight.grad.any()
+
+
+@pytest.mark.slow
+def test_two_head_training_run_and_export_of_both_heads(tmp_path):
+    """A few steps of real two-head training on 300-W faces + teacher-labelled pool faces, then
+    the export of both heads with per-output parity (ONNX and TFLite)."""
+    from evaluation.data import load_300w
+    from export.stages import export_all
+    from runtime.bundle import BundleMeta
+    from runtime.decode import Landmarker
+    from train.engine import TrainConfig, train
+    from train.pseudo_label import load_pool
+    w300 = load_300w(split="train")[:40]
+    _labels_file(tmp_path / "w300", w300, "wflw98",
+                 np.stack([np.concatenate([f.points, f.points[:30]]) for f in w300]))
+    pool = load_pool(POOL)[:40]
+    pool_pts = np.stack([np.array([[f.box[0] + (f.box[2] - f.box[0]) * (i % 10) / 9,
+                                    f.box[1] + (f.box[3] - f.box[1]) * (i // 10) / 9]
+                                   for i in range(98)]) for f in pool])
+    from runtime.bundle import atomic_write_json
+    np.savez(f"{tmp_path / 'pool'}.npz", points=pool_pts.astype(np.float32),
+             dis_flip=np.full((40, 98), 0.01, np.float32))
+    atomic_write_json(tmp_path / "pool.json", {"scheme": "wflw98", "faces": 40,
+                                               "paths": [str(f.image_path) for f in pool]})
+    cfg = TrainConfig(dataset="300w", width=0.25, epochs=1, batch_size=8, max_steps=3,
+                      limit_faces=40, val_fraction=0.25, heads=("300w68", "wflw98"),
+                      labels=(str(tmp_path / "w300"), str(tmp_path / "pool")),
+                      out=str(tmp_path / "run"), threads=1, progress=False,
+                      disagreement_tau=0.05)
+    entry = train(cfg)
+    assert entry["step"] == 3 and "val_pool" in entry and entry["val_pool"]["head"] == "wflw98"
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ck["arch"]["heads"] == {"300w68": 68, "wflw98": 98}
+    bundles = export_all(tmp_path / "run" / "last.pt", tmp_path / "art",
+                         targets=["onnx_sim_fp32", "tflite_fp32"], progress=lambda s: None)
+    for name in ("onnx_fp32", "onnx_sim_fp32", "tflite_fp32"):
+        meta = BundleMeta.load(bundles[name])
+        assert [o.scheme for o in meta.outputs] == ["300w68", "wflw98"]
+        assert len(meta.validation["outputs"]) == 2
+        assert meta.validation["max_abs_diff"] <= 1e-4
+    x = np.random.default_rng(0).normal(size=(2, 3, 112, 112)).astype(np.float32)
+    a = Landmarker.open(bundles["onnx_sim_fp32"], output=98)(x)
+    b = Landmarker.open(bundles["tflite_fp32"], output="wflw98")(x)
+    assert a.shape == (2, 196) and np.abs(a - b).max() < 1e-4
