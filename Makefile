@@ -5,7 +5,13 @@ MODEL   ?= models/pfld68_w05.pt
 ART     ?= artifacts/pfld68_w05
 THREADS ?= 1,2
 
-.PHONY: all venv export quantize benchmark gate test test-fast train clean
+SHARED  ?= ../shared
+GHOST   ?= artifacts/pfld_ghostone
+TEACHER ?= $(SHARED)/teachers/pfld_ghostone/PFLD_GhostOne_112_1_opt_sim.onnx
+LABELS  ?= runs/labels
+
+.PHONY: all venv export quantize benchmark gate test test-fast train clean ghostone compare \
+	labels train-student
 
 all: venv export quantize benchmark gate
 
@@ -64,6 +70,36 @@ train: venv
 		--ema 0.998 --seed 1 --eval-set 300w:helen_test --out runs/w300_w05_p4b --threads 2
 	$(PY) train/soup.py runs/w300_w05_p4_soup.pt runs/w300_w05_p4a/last.pt runs/w300_w05_p4b/last.pt
 	$(PY) train/ship.py runs/w300_w05_p4_soup.pt $(MODEL)
+
+# An outside model as first-class bundles: PFLD-GhostOne (Apache-2.0, ../shared/teachers), imported
+# with its spec, then INT8 on OpenVINO (onnxruntime's INT8 misses the budget on this model: run
+# `quantize/run.py --bundle-dir $(GHOST)` to see the figures; TFLite needs onnx2tf, see README)
+ghostone: venv
+	$(PY) export/run.py --import $(TEACHER) --spec specs/pfld_ghostone.json --out $(GHOST)
+	$(PY) quantize/run.py --bundle-dir $(GHOST) --backend openvino
+
+# Our model and the imported one in one table, one plot, one run (1 thread)
+compare: quantize ghostone
+	$(PY) benchmark/run.py --backend all --threads 1 --bundles $(ART) --bundles $(GHOST) \
+		--checkpoint $(MODEL) --out artifacts/compare
+
+# Teacher labels (98 points, 3 passes, disagreement), cached by the teacher's sha256 and settings
+labels: venv
+	$(PY) train/run.py pseudo-label --teacher $(TEACHER) --teacher-spec specs/pfld_ghostone.json \
+		--images 300w:train --out $(LABELS)/300w_train
+	$(PY) train/run.py pseudo-label --teacher $(TEACHER) --teacher-spec specs/pfld_ghostone.json \
+		--images $(SHARED)/wider_unlabeled --detector $(SHARED)/detectors/yunet/face_detection_yunet_2023mar.onnx \
+		--out $(LABELS)/wider
+
+# The two-head (68 + 98) student: one backbone, the 300-W labels on the 68 head, the teacher's
+# labels on the 98 head (all faces) and, mapped by a linear 98 -> 68 map fitted on the 300-W
+# training faces, on the 68 head for the pool faces; starts from the shipped 68-point model.
+# One thread, resumable (about 70 s an epoch here).
+train-student: labels
+	$(PY) train/run.py fit --dataset 300w --width 0.5 --heads 300w68,wflw98 \
+		--labels $(LABELS)/300w_train --labels $(LABELS)/wider --init models/pfld68_w05.pt \
+		--epochs 150 --batch-size 32 --lr 1e-3 --aug-scale 1.1 1.45 --aug-rotate 20 \
+		--aug-occlude 0.15 --disagreement-tau 0.1 --ema 0.998 --threads 1 --out runs/student_w05
 
 clean:
 	rm -rf artifacts
