@@ -574,8 +574,10 @@ def quantize_backend(name: str, bundle_dir: Path, data: Data, settings: Settings
 
 
 # -- the command ------------------------------------------------------------------------------
-def check_request(bundle_dir: Path, names: list[str], settings: Settings) -> list[str]:
-    """Validate options before any heavy work; returns the backends to run."""
+def check_request(bundle_dir: Path, names: list[str], settings: Settings,
+                  skip_missing: bool = False) -> tuple[list[str], dict[str, str]]:
+    """Validate options before any heavy work; returns the backends to run and, with
+    skip_missing, the ones whose FP32 bundle is not in the folder (name -> reason)."""
     if not bundle_dir.is_dir():
         raise QuantizeError(f"bundle folder {bundle_dir} does not exist; run `make export` first")
     if settings.preset not in PRESETS:
@@ -588,24 +590,39 @@ def check_request(bundle_dir: Path, names: list[str], settings: Settings) -> lis
     if settings.calib_samples is not None and settings.calib_samples < MIN_CALIB_FACES:
         raise QuantizeError(f"--calib-samples {settings.calib_samples} is too few: at least "
                             f"{MIN_CALIB_FACES} calibration faces are needed")
+    run, skipped = [], {}
     for n in names:
         cls = get_backend(n)
         cls.check_method(settings.method)
         ok, why = cls.available()
         if not ok:
             raise QuantizeError(why)
-        parent = find_parent(bundle_dir, cls)
+        try:
+            parent = find_parent(bundle_dir, cls)
+        except QuantizeError as e:
+            if not skip_missing:
+                raise
+            skipped[n] = str(e)
+            continue
         if not (parent / META).is_file():
             raise QuantizeError(f"{parent} has no {META}; it is not a bundle written by "
                                 "`make export` (re-run the export)")
-    return names
+        run.append(n)
+    if not run:
+        raise QuantizeError(f"{bundle_dir} has no FP32 bundle any backend starts from: "
+                            + "; ".join(skipped.values()))
+    return run, skipped
 
 
 def run(bundle_dir: str | Path, backends: list[str], settings: Settings,
-        log: Log = print) -> tuple[dict, list[str]]:
-    """Quantize the given backends; write the report; return (report, failed backend names)."""
+        log: Log = print, skip_missing: bool = False) -> tuple[dict, list[str]]:
+    """Quantize the given backends; write the report; return (report, failed backend names).
+    skip_missing: a backend whose FP32 bundle is not there (an imported ONNX has no TFLite
+    bundle) is reported as skipped instead of failing the request."""
     bundle_dir = Path(bundle_dir)
-    names = check_request(bundle_dir, list(backends), settings)
+    names, skipped = check_request(bundle_dir, list(backends), settings, skip_missing)
+    for n, why in skipped.items():
+        log(f"    {n}: skipped: {why}")
     total = len(names) + 2
     log(f"[1/{total}] calibration and evaluation faces")
     data = load_data(settings)
@@ -618,7 +635,8 @@ def run(bundle_dir: str | Path, backends: list[str], settings: Settings,
             old = json.loads(report_path.read_text()).get("backends", {})
         except (json.JSONDecodeError, UnicodeDecodeError):
             old = {}
-    results, failed = {}, []
+    results, failed = {n: {"status": "skipped", "reason": why, "created": now()}
+                       for n, why in skipped.items()}, []
     for i, name in enumerate(names, 2):
         log(f"[{i}/{total}] {name}")
         try:

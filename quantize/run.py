@@ -81,7 +81,8 @@ def main(bundle_dir, backends, calib_samples, method, per_channel, preset, bias_
                         eval_sets=tuple(eval_sets), gate_sets=tuple(gate_sets),
                         wflw_root=wflw_root, w300_root=w300_root)
     try:
-        report, failed = run(bundle_dir, names, settings, log=click.echo)
+        report, failed = run(bundle_dir, names, settings, log=click.echo,
+                             skip_missing="all" in backends)
     except QuantizeError as e:
         raise CommandError(str(e)) from None
     if failed:
