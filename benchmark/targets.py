@@ -13,9 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmark.torch_engine import TorchEngine, bench_engines, checkpoint_meta
-from runtime.bundle import (META, BundleError, BundleMeta, FileInfo, InputSpec,
-                            Lineage, OutputSpec, SpecError, load_spec)
-from runtime.preprocess import Preprocess
+from runtime.bundle import (META, BundleError, BundleMeta, SpecError, load_spec)
 
 REPO_SPEC = Path(__file__).resolve().parent / "specs" / "example_pfld_external.json"
 

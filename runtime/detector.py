@@ -9,12 +9,18 @@ Preprocess.crop_matrix takes as is.
   (cv2.data.haarcascades). A chain of stages (frontal, frontal on an equalised image, frontal
   on the image rolled by +-15 deg, profile and mirrored profile, ...) stops at the first stage
   that finds a face, so a frontal face costs one cascade and harder faces cost more.
-- `YuNetDetector`: cv2.FaceDetectorYN with a YuNet ONNX file the user provides (the runtime
-  never downloads weights).
+- `YuNetDetector` (the default): OpenCV Zoo's YuNet CNN (MIT, shipped in runtime/detectors/
+  with its licence) through cv2.FaceDetectorYN. Its five points give the face's roll: the
+  detection carries that angle, and the crop is cut upright ("levelled"), so a tilted face
+  reaches the landmark network like the upright training faces.
 
-    det = make_detector("haar")
+How a detector's box maps to the landmark crop is data, not code: runtime/detectors/
+calibration.json, measured on the 300-W training faces by `python benchmark/calibrate_detector.py
+--write` (never on a test set).
+
+    det = make_detector("yunet")
     for d in det.detect(image_bgr):          # largest face first
-        d.box                                # (x0, y0, x1, y1) in the landmark-extent convention
+        d.box, d.angle                       # square landmark-extent box (centre, side) and roll
 """
 from __future__ import annotations
 
@@ -43,60 +49,53 @@ class BoxCalibration:
     dy: float
     measured: bool = True
 
-    def apply(self, cx: float, cy: float, side: float) -> tuple[float, float, float]:
-        """(centre x, centre y, side) of a detector box -> the same for the landmark extent."""
+    def apply(self, cx: float, cy: float, side: float, angle: float = 0.0
+              ) -> tuple[float, float, float]:
+        """(centre x, centre y, side) of a detector box -> the same for the landmark extent;
+        with `angle` (degrees) the offset is taken in the face's levelled frame."""
+        if angle:
+            t = np.radians(angle)
+            c, s = np.cos(t), np.sin(t)
+            return (cx + (self.dx * c - self.dy * s) * side,
+                    cy + (self.dx * s + self.dy * c) * side, self.scale * side)
         return cx + self.dx * side, cy + self.dy * side, self.scale * side
 
 
-# Measured with `python runtime/calibrate_detector.py` on the 2,012 faces of the 300-W train
-# split in ../shared/300w (evaluation.data.load_300w(split="train")): every stage is run alone on
-# every face with the default HaarDetector parameters; a detection counts when its centre lies
-# inside the face's landmark extent; the constants are the medians over those detections of
-# extent side / box side and of the centre offset / box side (n = faces used per stage).
-HAAR_CALIBRATION: dict[str, BoxCalibration] = {
-    # @calibration-start (rewritten by calibrate_detector.py --write)
-    # python runtime/calibrate_detector.py --write
-    # n=1931/2012, IQR of scale, dx, dy: 0.092 0.119 0.054
-    "frontal": BoxCalibration(0.8774, 0.0085, 0.155),
-    # n=1948/2012, IQR of scale, dx, dy: 0.072 0.098 0.048
-    "frontal-eq": BoxCalibration(0.8467, 0.0005, 0.1406),
-    # n=1656/2012, IQR of scale, dx, dy: 0.083 0.094 0.049
-    "frontal-roll-15": BoxCalibration(0.8334, -0.0472, 0.136),
-    # n=1597/2012, IQR of scale, dx, dy: 0.083 0.095 0.050
-    "frontal-roll+15": BoxCalibration(0.8329, 0.0503, 0.1297),
-    # n=884/2012, IQR of scale, dx, dy: 0.147 0.114 0.057
-    "profile": BoxCalibration(0.7701, -0.0988, 0.1566),
-    # n=859/2012, IQR of scale, dx, dy: 0.147 0.112 0.059
-    "profile-mirror": BoxCalibration(0.7694, -0.1253, 0.1568),
-    # n=902/2012, IQR of scale, dx, dy: 0.105 0.101 0.048
-    "profile-roll-15": BoxCalibration(0.7574, -0.117, 0.146),
-    # n=818/2012, IQR of scale, dx, dy: 0.105 0.099 0.050
-    "profile-mirror-roll-15": BoxCalibration(0.7575, -0.1391, 0.146),
-    # n=523/2012, IQR of scale, dx, dy: 0.264 0.137 0.103
-    "profile-roll+15": BoxCalibration(0.8338, -0.086, 0.1623),
-    # n=541/2012, IQR of scale, dx, dy: 0.266 0.153 0.114
-    "profile-mirror-roll+15": BoxCalibration(0.8199, -0.1133, 0.161),
-    # n=623/2012, IQR of scale, dx, dy: 0.099 0.112 0.068
-    "frontal-eq-roll-30": BoxCalibration(0.8335, -0.0846, 0.1188),
-    # n=494/2012, IQR of scale, dx, dy: 0.100 0.102 0.070
-    "frontal-eq-roll+30": BoxCalibration(0.8337, 0.0943, 0.1069),
-    # @calibration-end
-}
+DETECTOR_DIR = Path(__file__).resolve().parent / "detectors"
+CALIBRATION_FILE = DETECTOR_DIR / "calibration.json"
+YUNET_MODEL = DETECTOR_DIR / "face_detection_yunet_2023mar.onnx"
 
-# YuNet is not shipped with OpenCV, so its boxes could not be measured here. This estimate
-# (WIDER-style boxes reach from the hairline to the chin: the 68-point extent is about as
-# wide and sits lower) is used until calibrate_detector.py has written <model>.calibration.json
-# beside the user's model file; the runtime says so on stderr, and --refine re-crops from
-# the first pass's points, which removes most of a box offset anyway.
-YUNET_ESTIMATE = BoxCalibration(1.0, 0.0, 0.08, measured=False)
+
+def load_calibration(path: str | Path = CALIBRATION_FILE) -> dict:
+    """The measured box calibrations: {"haar": {stage: BoxCalibration}, "yunet": {"levelled":
+    ..., "axis": ...}, plus the file's other settings}. DetectorError names a bad file."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+        out = dict(raw)
+        out["haar"] = {k: BoxCalibration(float(v["scale"]), float(v["dx"]), float(v["dy"]))
+                       for k, v in raw["haar"].items()}
+        out["yunet"] = {k: BoxCalibration(float(v["scale"]), float(v["dx"]), float(v["dy"]))
+                        for k, v in raw["yunet"].items() if isinstance(v, dict)}
+        return out
+    except FileNotFoundError:
+        raise DetectorError(f"the detector calibration {path} is missing; copy the whole "
+                            "runtime/ folder") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DetectorError(f"{path} is not a detector calibration written by "
+                            f"benchmark/calibrate_detector.py ({type(e).__name__}: {e})") from None
 
 
 @dataclass
 class Detection:
-    box: tuple[float, float, float, float]   # square, landmark-extent convention, image px
+    box: tuple[float, float, float, float]   # square, landmark-extent convention, image px:
+                                             # centre and side of the crop, in the face's
+                                             # levelled frame when `angle` is not 0
     raw: tuple[float, float, float, float]   # the detector's own box, image px (axis-aligned)
     stage: str
     score: float = 1.0
+    angle: float = 0.0                       # roll of the face, degrees (crops are rotated by it)
+    points5: np.ndarray | None = None        # YuNet: eyes, nose tip, mouth corners (image px)
 
 
 @dataclass(frozen=True)
@@ -196,7 +195,7 @@ class HaarDetector:
             self.cascades[st.cascade] = c
         self.min_face, self.search_px = float(min_face), int(search_px)
         self.scale_factor, self.min_neighbors = float(scale_factor), int(min_neighbors)
-        self.calibration = HAAR_CALIBRATION if calibration is None else calibration
+        self.calibration = load_calibration()["haar"] if calibration is None else calibration
         self.calibrated = all(self.calibration[s.name].measured for s in self.stages)
 
     # -- the pieces calibrate_detector.py also uses -----------------------------------------
@@ -265,41 +264,43 @@ class HaarDetector:
 
 
 class YuNetDetector:
-    """cv2.FaceDetectorYN on a YuNet ONNX file the user provides (face_detection_yunet_*.onnx).
+    """YuNet (OpenCV Zoo, 2023mar) through cv2.FaceDetectorYN: boxes, five points, scores.
 
-    The image is shrunk to at most max_side pixels on its longer side for speed.
+    The image is shrunk to at most `max_side` pixels on its longer side (the detection input
+    size; its default is measured, see calibration.json) and the boxes are scaled back.
+    level: each detection carries the roll angle of its eye line, and its box is calibrated in
+        the face's levelled frame (crops are then cut upright); off: axis-aligned boxes.
+    min_face_px: detections smaller than this (box side, image px) are dropped.
     """
     name = "yunet"
 
     @classmethod
     def create(cls, model=None, min_face: float | None = None, **options) -> "YuNetDetector":
-        det = cls(model, **options)
-        det.min_face = min_face
-        return det
+        return cls(model or YUNET_MODEL, **options,
+                   **({} if min_face is None else {"min_face_px": min_face}))
 
-    def __init__(self, model: str | Path | None, score_threshold: float = 0.6,
-                 nms_threshold: float = 0.3, max_side: int = 320,
+    def __init__(self, model: str | Path | None = YUNET_MODEL, score_threshold: float = 0.6,
+                 nms_threshold: float = 0.3, max_side: int | None = None, level: bool = True,
+                 min_face_px: float = 16.0, top_k: int = 50,
                  calibration: BoxCalibration | None = None):
-        if model is None:
-            raise DetectorError("--detector yunet needs --detector-model PATH to a YuNet ONNX "
-                                "file (e.g. face_detection_yunet_2023mar.onnx from the OpenCV "
-                                "model zoo)")
-        self.model = Path(model)
+        self.model = Path(model or YUNET_MODEL)
         if not self.model.is_file():
-            raise DetectorError(f"YuNet model {self.model} does not exist")
+            raise DetectorError(f"YuNet model {self.model} does not exist (the runtime ships "
+                                "it in runtime/detectors/; or use --detector haar)")
         if not hasattr(cv2, "FaceDetectorYN"):
             raise DetectorError(f"OpenCV {cv2.__version__} has no FaceDetectorYN (needs >= 4.5.4)")
+        cal = load_calibration()
+        self.max_side = int(max_side or cal.get("yunet_max_side", 160))
         try:
-            self.net = cv2.FaceDetectorYN.create(str(self.model), "", (max_side, max_side),
-                                                 score_threshold, nms_threshold, 50)
-            self.net.detect(np.zeros((max_side, max_side, 3), np.uint8))   # fail now, not later
+            self.net = cv2.FaceDetectorYN.create(str(self.model), "", (self.max_side, self.max_side),
+                                                 score_threshold, nms_threshold, top_k)
+            self.net.detect(np.zeros((self.max_side, self.max_side, 3), np.uint8))  # fail now
         except cv2.error as e:
             raise DetectorError(f"{self.model} could not be run as a YuNet face detector: "
                                 f"{str(e).strip().splitlines()[-1]}") from None
-        self.max_side = int(max_side)
-        self.min_face: float | None = None    # fraction of the shorter image side
-        self.calibration = calibration or load_calibration_file(self.model) or YUNET_ESTIMATE
-        self.calibrated = self.calibration.measured
+        self.level, self.min_face_px = bool(level), float(min_face_px)
+        self.calibration = calibration or cal["yunet"]["levelled" if level else "axis"]
+        self.calibrated = True
         self._size = None
 
     def raw_detect(self, image: np.ndarray) -> tuple[np.ndarray, float]:
@@ -321,39 +322,30 @@ class YuNetDetector:
     def detect(self, image: np.ndarray) -> list[Detection]:
         faces, s = self.raw_detect(image)
         out = []
-        smallest = (self.min_face or 0.0) * min(image.shape[:2]) * s
         for f in faces:
-            x, y, w, h = f[:4]
-            if max(w, h) < smallest:
+            x, y, w, h = f[:4] / s
+            if max(w, h) < self.min_face_px:
                 continue
-            cx, cy, ext = self.calibration.apply(x + w / 2, y + h / 2, float(max(w, h)))
-            cx, cy, ext = cx / s, cy / s, ext / s
+            pts = f[4:14].reshape(5, 2) / s
+            angle = eye_angle(pts[0], pts[1]) if self.level else 0.0
+            cx, cy, ext = self.calibration.apply(x + w / 2, y + h / 2, float(max(w, h)), angle)
             out.append(Detection((cx - ext / 2, cy - ext / 2, cx + ext / 2, cy + ext / 2),
-                                 (x / s, y / s, (x + w) / s, (y + h) / s), "yunet", float(f[-1])))
+                                 (x, y, x + w, y + h), "yunet", float(f[-1]), angle, pts))
         out.sort(key=lambda d: d.box[2] - d.box[0], reverse=True)
         return out
 
 
-def calibration_file(model: str | Path) -> Path:
-    return Path(str(model) + ".calibration.json")
-
-
-def load_calibration_file(model: str | Path) -> BoxCalibration | None:
-    p = calibration_file(model)
-    if not p.is_file():
-        return None
-    try:
-        d = json.loads(p.read_text())
-        return BoxCalibration(float(d["scale"]), float(d["dx"]), float(d["dy"]))
-    except (ValueError, KeyError, TypeError) as e:
-        raise DetectorError(f"{p} is not a box calibration written by calibrate_detector.py "
-                            f"({e})") from None
+def eye_angle(right_eye, left_eye) -> float:
+    """Roll of a face in degrees from its eyes ("right" = the person's right, image left):
+    0 when upright, positive when the image-right eye is lower."""
+    d = np.asarray(left_eye, np.float64) - np.asarray(right_eye, np.float64)
+    return float(np.degrees(np.arctan2(d[1], d[0])))
 
 
 DETECTORS = {HaarDetector.name: HaarDetector, YuNetDetector.name: YuNetDetector}
 
 
-def make_detector(name: str = "haar", model: str | Path | None = None, **options):
+def make_detector(name: str = "yunet", model: str | Path | None = None, **options):
     """A detector by name from DETECTORS; `model` is its model file (if it takes one)."""
     if name not in DETECTORS:
         raise DetectorError(f"unknown detector {name!r}; known: {', '.join(DETECTORS)}")

@@ -122,15 +122,21 @@ def draw_faces(image: np.ndarray, faces: list[dict]) -> np.ndarray:
     out = image.copy()
     scale = max(1, round(max(out.shape[:2]) / 500))
     for f in faces:
-        x0, y0, x1, y1 = (int(round(v)) for v in f["box"])
+        x0, y0, x1, y1 = f["box"]
         color = (0, 200, 0) if f["source"] == "track" else (0, 160, 255)
-        cv2.rectangle(out, (x0, y0), (x1, y1), color, scale)
+        # the crop square, rotated by the face's roll when the crop was levelled
+        corners = cv2.boxPoints((((x0 + x1) / 2, (y0 + y1) / 2), (x1 - x0, y1 - y0),
+                                 float(f.get("angle") or 0.0)))
+        cv2.polylines(out, [np.round(corners).astype(np.int32)], True, color, scale, cv2.LINE_AA)
+        x0, y0 = int(round(corners[:, 0].min())), int(round(corners[:, 1].min()))
         for x, y in np.asarray(f["points"]):
             cv2.circle(out, (int(round(x)), int(round(y))), scale + 1, (0, 0, 255), -1,
                        cv2.LINE_AA)
         if f.get("pose"):
             p = f["pose"]
-            cv2.putText(out, f"yaw {p['yaw']:+.0f} pitch {p['pitch']:+.0f} roll {p['roll']:+.0f}",
+            yc = f.get("yaw_coefficient")
+            cv2.putText(out, f"yaw {p['yaw']:+.0f} pitch {p['pitch']:+.0f} roll {p['roll']:+.0f}"
+                        + (f" yc {yc:.2f}" if yc is not None else ""),
                         (x0, max(12 * scale, y0 - 4 * scale)), cv2.FONT_HERSHEY_SIMPLEX,
                         0.4 * scale, color, scale, cv2.LINE_AA)
     return out

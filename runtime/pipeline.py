@@ -19,8 +19,8 @@ import numpy as np
 
 from .decode import Landmarker
 from .detector import DetectorError, make_detector
-from .pose import head_pose
-from .preprocess import landmark_box
+from .pose import head_pose, yaw_coefficient
+from .preprocess import landmark_box, roll
 from .tracker import Tracker, TrackerConfig
 
 STAGES = ("detect", "crop", "landmarks", "pose")
@@ -42,27 +42,31 @@ class Pipeline:
         pass through to runtime.engines.load_bundle.
     points: which output of a multi-head bundle to use (scheme name or point count, e.g. 98);
         None: the bundle's first output.
-    detector: "haar" | "yunet" | an object with detect(image) -> list[Detection].
+    detector: a runtime.detector.DETECTORS name ("yunet", the default; "haar") or an object with
+        detect(image) -> list[Detection].
+    level: cut every crop upright: a new face at the roll of the detector's eye points, a
+        refined or tracked face at the roll of its own outer eye corners (points rotated back).
+    max_faces: the most faces per frame (all the detector finds, up to this many).
     track: reuse the previous frame's points to place the next crop (runtime.tracker); call
         reset() between unrelated images or videos.
     refine: for a face just found by the detector, run the network a second time on the crop
-        cut from the first pass's points (what tracking does on the next frame anyway). On by
-        default: with the shipped model it lowers the NME of the detected faces on the WFLW
-        crops (mean 0.1453 -> 0.1398, median 0.0886 -> 0.0805) and on the HELEN test images
-        (mean 0.0529 -> 0.0480), for one more network run per new face (onnxruntime FP32, 1
-        thread: 4.8 -> 6.7 ms per WFLW image; `python runtime/measure.py images --model
-        artifacts/pfld68_w05/onnx_fp32 --ground-truth wflw|helen --no-pose --refine/--no-refine`).
-        It used to be off: with an early, weaker model (epoch 41 of the first training phase)
-        it made the WFLW mean worse (0.1786 -> 0.1820).
+        cut from the first pass's points (what tracking does on the next frame anyway).
+        "auto" (the default): only for a face whose first-pass points are rolled by more than
+        `refine_roll` degrees from the crop's own angle, so a tilted face gets an upright crop
+        (YuNet's eye points underestimate roll: about -4 degrees for faces rolled -22 to -42
+        at its 128-px input) while an upright face costs one network run. True: every new
+        face (on the 300-W training faces it lowered the mean NME of found faces only from
+        0.0488 to 0.0482 for +65 % time, `python benchmark/runtime_measure.py images --model
+        artifacts/pfld68_w05/onnx_fp32 --ground-truth 300w-train --no-pose --refine`).
     """
     clock = staticmethod(time.perf_counter)     # stage timer; measure.py --clock cpu swaps it
 
     def __init__(self, bundle: str | Path, engine: str | None = None, threads: int = 1,
-                 device: str | None = None, precision: str | None = None, detector="haar",
+                 device: str | None = None, precision: str | None = None, detector="yunet",
                  detector_model: str | Path | None = None, track: bool = True,
-                 pose: bool = True, refine: bool = True, max_faces: int = 1, fps: float = 30.0,
+                 pose: bool = True, refine: bool | str = "auto", max_faces: int = 10, fps: float = 30.0,
                  tracker: TrackerConfig | None = None, verify: bool = True,
-                 points: str | int | None = None):
+                 points: str | int | None = None, level: bool = True, refine_roll: float = 10.0):
         if max_faces < 1:
             raise ValueError(f"max_faces must be >= 1, got {max_faces}")
         self.model = Landmarker.open(bundle, engine, threads, device, precision, verify, points)
@@ -73,6 +77,9 @@ class Pipeline:
         if not hasattr(self.detector, "detect"):
             raise DetectorError(f"detector {detector!r} has no detect(image) method")
         self.pose, self.refine, self.max_faces, self.fps = pose, refine, max_faces, fps
+        self.level, self.refine_roll, self.max_refine = level, float(refine_roll), 3
+        if refine not in (True, False, "auto"):
+            raise ValueError(f"refine must be True, False or 'auto', got {refine!r}")
         cfg = tracker or TrackerConfig()
         cfg.max_faces = max_faces
         self.tracker = Tracker(cfg) if track else None
@@ -88,15 +95,37 @@ class Pipeline:
         self.detector_runs = 0
 
     # -- stages --------------------------------------------------------------------------------
-    def _landmarks(self, image, boxes, ms) -> np.ndarray:
+    def _roll(self, points) -> float:
+        return roll(points, self.scheme.eye_corners) if self.level else 0.0
+
+    def _landmarks(self, image, boxes, angles, ms) -> np.ndarray:
         t = self.clock()
-        batch, mats = self.pre(image, boxes)
+        batch, mats = self.pre(image, boxes, angles)
         t1 = self.clock()
         pts = self.pre.decode(self.model(batch), mats)
         t2 = self.clock()
         ms["crop"] += (t1 - t) * 1e3
         ms["landmarks"] += (t2 - t1) * 1e3
         return pts
+
+    def _refine(self, frame, items, boxes, angles, pts, ms) -> None:
+        """Second pass(es) for new faces, in place: every new face once (refine=True), or
+        (refine="auto") the faces whose points are rolled by more than refine_roll degrees
+        from their crop, again while that holds, at most max_refine passes (a network trained
+        with rotations up to about 30 degrees under-reads a larger roll by half in one pass)."""
+        todo = [i for i, it in enumerate(items) if it[2]]
+        for _ in range(1 if self.refine is True else self.max_refine):
+            todo = [i for i in todo if _plausible(boxes[i], landmark_box(pts[i]))]
+            if self.refine == "auto":
+                todo = [i for i in todo if self.level
+                        and abs(self._roll(pts[i]) - angles[i]) > self.refine_roll]
+            if not todo:
+                return
+            angles2 = [self._roll(pts[i]) for i in todo]
+            boxes2 = [landmark_box(pts[i], a) for i, a in zip(todo, angles2)]
+            pts2 = self._landmarks(frame, boxes2, angles2, ms)
+            for j, i in enumerate(todo):
+                boxes[i], angles[i], pts[i] = boxes2[j], angles2[j], pts2[j]
 
     def _detect(self, image, ms):
         t = self.clock()
@@ -109,9 +138,13 @@ class Pipeline:
         """One BGR uint8 frame -> a dict per face (largest first for new detections):
 
         box      (x0, y0, x1, y1) crop box the points were predicted from (landmark-extent
-                 convention: a calibrated detector box, its refinement, or the tracked box)
+                 convention: a calibrated detector box, its refinement, or the tracked box;
+                 its centre and side in the face's levelled frame)
+        angle    roll the crop was rotated by (degrees; 0 with level=False)
         points   (K, 2) float64 image pixels (smoothed when tracking)
         pose     {"yaw", "pitch", "roll"} degrees, or None with pose=False
+        yaw_coefficient  DREAM's sigmoid(10 * (4 / pi * |yaw| - 1)): ~0 frontal, 0.5 at 45
+                 degrees, ~1 in profile (None with pose=False)
         source   "detect" (found by the detector on this frame) or "track"
         stage    detector stage that found the face (e.g. "frontal", "profile"), "" if tracked
         track    track id (None without tracking)
@@ -129,29 +162,25 @@ class Pipeline:
         if self.tracker is not None:
             dets = self._detect(frame, ms) if self.tracker.needs_detection() else None
             tracks = self.tracker.start_frame(dets)
-            items = [(tr, tr.box, tr.fresh, tr.stage if tr.fresh else "") for tr in tracks]
+            items = [(tr, tr.box, tr.fresh, tr.stage if tr.fresh else "",
+                      tr.angle if self.level else 0.0) for tr in tracks]
         else:
             dets = self._detect(frame, ms)[:self.max_faces]
-            items = [(None, d.box, True, d.stage) for d in dets]
+            items = [(None, d.box, True, d.stage, d.angle if self.level else 0.0) for d in dets]
 
         faces = []
         if items:
-            boxes = [it[1] for it in items]
-            pts = self._landmarks(frame, boxes, ms)
+            boxes, angles = [it[1] for it in items], [it[4] for it in items]
+            pts = self._landmarks(frame, boxes, angles, ms)
             if self.refine:
-                again = [i for i, it in enumerate(items) if it[2]]
-                again = [i for i in again if _plausible(boxes[i], landmark_box(pts[i]))]
-                if again:
-                    boxes2 = [landmark_box(pts[i]) for i in again]
-                    pts2 = self._landmarks(frame, boxes2, ms)
-                    for j, i in enumerate(again):
-                        boxes[i], pts[i] = boxes2[j], pts2[j]
-            for (tr, _, fresh, stage), box, p in zip(items, boxes, pts):
+                self._refine(frame, items, boxes, angles, pts, ms)
+            for (tr, _, fresh, stage, _), box, angle, p in zip(items, boxes, angles, pts):
                 if tr is not None:
-                    p = self.tracker.update(tr, p, (w, h), t_video)
+                    p = self.tracker.update(tr, p, (w, h), t_video, self._roll(p))
                     if p is None:
                         continue
-                faces.append({"box": tuple(float(v) for v in box), "points": p, "pose": None,
+                faces.append({"box": tuple(float(v) for v in box), "angle": float(angle),
+                              "points": p, "pose": None, "yaw_coefficient": None,
                               "source": "detect" if fresh else "track", "stage": stage,
                               "track": None if tr is None else tr.id})
             if self.tracker is not None and len(faces) > 1:
@@ -160,8 +189,9 @@ class Pipeline:
         if self.pose:
             t = self.clock()
             for f in faces:
-                yaw, pitch, roll = head_pose(f["points"], self.scheme, (w, h))
-                f["pose"] = {"yaw": float(yaw), "pitch": float(pitch), "roll": float(roll)}
+                yaw, pitch, rl = head_pose(f["points"], self.scheme, (w, h))
+                f["pose"] = {"yaw": float(yaw), "pitch": float(pitch), "roll": float(rl)}
+                f["yaw_coefficient"] = yaw_coefficient(yaw)
             ms["pose"] += (self.clock() - t) * 1e3
         ms["total"] = (self.clock() - t_start) * 1e3
         for f in faces:

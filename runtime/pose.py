@@ -1,8 +1,15 @@
-"""Head pose (yaw, pitch, roll in degrees) from 2D landmarks by cv2.solvePnP.
+"""Head pose (yaw, pitch, roll in degrees) from 2D landmarks, and DREAM's yaw coefficient.
 
-The same mean 3D face is used for training labels (train/) and at run time (runtime/), so a
-pose reported on a device means what it meant in training. Points of any scheme are first
-brought to the 68-point layout (runtime.schemes).
+The pose is solved as DREAM does it: an EPnP initial solution (cv2.SOLVEPNP_EPNP) refined by
+Levenberg-Marquardt (cv2.solvePnPRefineLM) against a mean 3D face. The same code makes training
+labels (train/) and runs on the device (runtime/), so a pose reported on a device means what it
+meant in training. Points of any scheme are first brought to the 68-point layout
+(runtime.schemes).
+
+yaw_coefficient(yaw) = sigmoid(10 * (4 / pi * |yaw| - 1)), yaw in radians within [-pi/2, pi/2]
+(Cao et al., "Pose-Robust Face Recognition via Deep Residual Equivariant Mapping", CVPR 2018):
+about 0 for a frontal face, 0.5 at 45 degrees, about 1 in profile; face recognition uses it as
+a soft gate for how much frontalisation a face needs.
 """
 from __future__ import annotations
 
@@ -52,9 +59,10 @@ def head_pose(points: np.ndarray, scheme: Scheme, image_size: tuple[int, int] | 
     else:
         c, f = np.array(image_size, np.float64) / 2, float(max(image_size))
     cam = np.array([[f, 0, c[0]], [0, f, c[1]], [0, 0, 1]], np.float64)
-    ok, rvec, _ = cv2.solvePnP(_MODEL, img, cam, np.zeros(4), flags=cv2.SOLVEPNP_ITERATIVE)
-    if not ok:
+    ok, rvec, tvec = cv2.solvePnP(_MODEL, img, cam, np.zeros(4), flags=cv2.SOLVEPNP_EPNP)
+    if not ok or not np.isfinite(rvec).all():
         return np.full(3, np.nan)
+    rvec, tvec = cv2.solvePnPRefineLM(_MODEL, img, cam, np.zeros(4), rvec, tvec)
     rot, _ = cv2.Rodrigues(rvec)
     # Relative to the frontal pose Rx(180 deg), so a frontal face reads (0, 0, 0).
     return _euler(rot @ np.diag([1.0, -1.0, -1.0]))
@@ -70,3 +78,11 @@ def _euler(rot: np.ndarray) -> np.ndarray:
     else:
         pitch, yaw, roll = np.arctan2(-rot[1, 2], rot[1, 1]), np.arctan2(-rot[2, 0], sy), 0.0
     return np.degrees([yaw, pitch, roll])
+
+
+def yaw_coefficient(yaw_deg: float) -> float:
+    """DREAM's soft yaw gate: sigmoid(10 * (4 / pi * |yaw| - 1)), yaw clipped to +-90 degrees."""
+    if not np.isfinite(yaw_deg):
+        return float("nan")
+    yaw = min(abs(np.radians(yaw_deg)), np.pi / 2)
+    return float(1.0 / (1.0 + np.exp(-10.0 * (4.0 / np.pi * yaw - 1.0))))

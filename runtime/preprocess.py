@@ -40,17 +40,29 @@ class Preprocess:
         return d
 
     # -- geometry ---------------------------------------------------------------------
-    def crop_matrix(self, box, scale: float | None = None) -> np.ndarray:
-        """2x3 affine taking image pixels to crop pixels for a face box (x0, y0, x1, y1)."""
+    def crop_matrix(self, box, scale: float | None = None, angle: float = 0.0) -> np.ndarray:
+        """2x3 affine taking image pixels to crop pixels for a face box (x0, y0, x1, y1).
+
+        angle (degrees): the face's roll; the crop is rotated by it about the box centre, so a
+        tilted face comes out upright ("levelled"); the box is then the face's square in its
+        own levelled frame (centre and side)."""
         x0, y0, x1, y1 = map(float, box)
         side = max(x1 - x0, y1 - y0)
         if not side > 0:
             raise ValueError(f"face box {tuple(box)} has no area")
-        cx = (x0 + x1) / 2
-        cy = (y0 + y1) / 2 + self.box_shift_y * side
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        if angle:
+            t = np.radians(angle)     # "down" in the levelled frame, in image coordinates
+            cx, cy = cx - np.sin(t) * self.box_shift_y * side, cy + np.cos(t) * self.box_shift_y * side
+        else:
+            cy += self.box_shift_y * side
         side *= self.crop_scale if scale is None else scale
         s = self.input_size / side
-        return np.array([[s, 0, -(cx - side / 2) * s], [0, s, -(cy - side / 2) * s]], np.float64)
+        if not angle:
+            return np.array([[s, 0, -(cx - side / 2) * s], [0, s, -(cy - side / 2) * s]], np.float64)
+        m = cv2.getRotationMatrix2D((cx, cy), float(angle), s)
+        m[:, 2] += np.array([self.input_size / 2 - cx, self.input_size / 2 - cy])
+        return m
 
     def crop(self, image: np.ndarray, matrix: np.ndarray) -> np.ndarray:
         n = self.input_size
@@ -63,14 +75,21 @@ class Preprocess:
         x = np.asarray(crops_bgr)
         if x.ndim == 3:
             x = x[None]
+        if len(set(self.std)) == 1 and x.dtype == np.uint8 and len(x):
+            # one C++ pass (cv2.dnn): (pixel - mean) * (1 / std), channel swap, NCHW
+            return cv2.dnn.blobFromImages(list(x), 1.0 / self.std[0], (x.shape[2], x.shape[1]),
+                                          self.mean,
+                                          swapRB=self.color == "RGB", crop=False)
         if self.color == "RGB":
             x = x[..., ::-1]
         x = (x.astype(np.float32) - np.float32(self.mean)) / np.float32(self.std)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
-    def __call__(self, image_bgr: np.ndarray, boxes) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Crop and normalise every box of one image: (NCHW batch, crop matrices)."""
-        mats = [self.crop_matrix(b) for b in boxes]
+    def __call__(self, image_bgr: np.ndarray, boxes, angles=None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Crop and normalise every box of one image (rotated by its angle, degrees, if given):
+        (NCHW batch, crop matrices)."""
+        angles = angles if angles is not None else [0.0] * len(boxes)
+        mats = [self.crop_matrix(b, angle=a) for b, a in zip(boxes, angles)]
         crops = np.stack([self.crop(image_bgr, m) for m in mats]) if mats else \
             np.zeros((0, self.input_size, self.input_size, 3), np.uint8)
         return self.normalize(crops), mats
@@ -87,7 +106,24 @@ class Preprocess:
         return res
 
 
-def landmark_box(points: np.ndarray) -> tuple[float, float, float, float]:
-    """Extent of a point set: the 'ground-truth landmark' crop protocol's box."""
+def landmark_box(points: np.ndarray, angle: float = 0.0) -> tuple[float, float, float, float]:
+    """Extent of a point set: the 'ground-truth landmark' crop protocol's box. With `angle`
+    (degrees), the extent in the frame rotated by it, as a box about the same centre (for
+    Preprocess.crop_matrix(box, angle=angle))."""
     p = np.asarray(points, np.float64)
-    return float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())
+    if not angle:
+        return float(p[:, 0].min()), float(p[:, 1].min()), float(p[:, 0].max()), float(p[:, 1].max())
+    t = np.radians(angle)
+    rot = np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]])   # image -> levelled
+    q = p @ rot.T
+    lo, hi = q.min(0), q.max(0)
+    cx, cy = ((lo + hi) / 2) @ rot                                        # back to the image
+    w, h = hi - lo
+    return float(cx - w / 2), float(cy - h / 2), float(cx + w / 2), float(cy + h / 2)
+
+
+def roll(points: np.ndarray, eye_corners: tuple[int, int]) -> float:
+    """Roll of a face in degrees from its outer eye corners (the scheme's NME corners: the
+    person's right eye first, on the image left): 0 upright, positive when tilted clockwise."""
+    d = np.asarray(points[eye_corners[1]], np.float64) - np.asarray(points[eye_corners[0]], np.float64)
+    return float(np.degrees(np.arctan2(d[1], d[0])))

@@ -4,8 +4,9 @@
     python runtime/run.py --model BUNDLE --input clip.mp4 --draw out.avi
     python runtime/run.py --model BUNDLE --input 0                     # camera 0, Ctrl-C stops
 
-One line per frame: {"frame", "faces": [{"box", "points", "pose": {"yaw", "pitch", "roll"},
-"source", "stage", "track"}], "ms": {"detect", "crop", "landmarks", "pose", "total"}}.
+One line per frame: {"frame", "faces": [{"box", "angle", "points", "pose": {"yaw", "pitch",
+"roll"}, "yaw_coefficient", "source", "stage", "track"}], "ms": {"detect", "crop", "landmarks",
+"pose", "total"}}. Every face the detector finds (up to --max-faces) is reported.
 Notes (conversions, "no face found") go to stderr. Exit status: 0 on success, also when no face
 is found (the JSON line then has "faces": []: an empty result is an answer, not a failure);
 1 when the bundle, the input or an output cannot be used; 2 for bad flags.
@@ -31,8 +32,7 @@ import click  # noqa: E402
 import cv2  # noqa: E402
 
 from runtime.bundle import BundleError  # noqa: E402
-from runtime.detector import (DETECTORS, HAAR_DEFAULTS, DetectorError,  # noqa: E402
-                              HaarDetector, make_detector)
+from runtime.detector import DETECTORS, DetectorError, make_detector  # noqa: E402
 from runtime.engines import ENGINES, EngineUnavailable  # noqa: E402
 from runtime.media import (InputError, draw_faces, is_image, open_video, read_image,  # noqa: E402
                            to_bgr, video_writer, write_image)
@@ -41,9 +41,11 @@ from runtime.pipeline import Pipeline  # noqa: E402
 
 def face_json(f: dict, digits: int = 2) -> dict:
     pose = f["pose"] and {k: round(v, digits) for k, v in f["pose"].items()}
-    return {"box": [round(v, digits) for v in f["box"]],
+    yc = f.get("yaw_coefficient")
+    return {"box": [round(v, digits) for v in f["box"]], "angle": round(f.get("angle", 0.0), digits),
             "points": [[round(float(x), digits), round(float(y), digits)] for x, y in f["points"]],
-            "pose": pose, "source": f["source"], "stage": f["stage"], "track": f["track"]}
+            "pose": pose, "yaw_coefficient": None if yc is None else round(yc, 4),
+            "source": f["source"], "stage": f["stage"], "track": f["track"]}
 
 
 def emit(frame: int, faces: list[dict], ms: dict) -> None:
@@ -72,10 +74,14 @@ def run_image(pipe: Pipeline, path: str, draw: str | None) -> None:
 def run_video(pipe: Pipeline, spec: str, draw: str | None, max_frames: int) -> None:
     cap, fps, what = open_video(spec)
     pipe.fps = fps
-    writer, empty, n, told = None, 0, 0, False
+    declared = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0) if not spec.isdigit() else 0
+    writer, empty, n, told, failed = None, 0, 0, False, ""
     try:
         while not max_frames or n < max_frames:
-            ok, frame = cap.read()
+            try:
+                ok, frame = cap.read()
+            except cv2.error as e:          # a backend that raises instead of returning False
+                ok, failed = False, str(e).strip().splitlines()[-1]
             if not ok:
                 break
             if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != "uint8":
@@ -97,6 +103,10 @@ def run_video(pipe: Pipeline, spec: str, draw: str | None, max_frames: int) -> N
             writer.release()
     if n == 0:
         raise InputError(f"{what}: no frame could be decoded (not a video, or an empty one)")
+    if failed or (declared and n < declared and (not max_frames or n < max_frames)):
+        note(f"{what}: the stream ended after {n} frames" + (f" of {declared}" if declared else "")
+             + (f" ({failed})" if failed else " (truncated or corrupt?)")
+             + "; the frames read were processed")
     if empty:
         note(f"{what}: no face found in {empty} of {n} frames")
     note(f"{what}: {n} frames, detector ran on {pipe.detector_runs}")
@@ -113,29 +123,34 @@ def run_video(pipe: Pipeline, spec: str, draw: str | None, max_frames: int) -> N
               help="Threads for the engine and OpenCV.")
 @click.option("--device", default=None, help="Engine device: onnxruntime provider, OpenVINO "
               "device (CPU, GPU, NPU) or a TFLite delegate library.")
-@click.option("--detector", type=click.Choice(sorted(DETECTORS)), default="haar",
-              show_default=True)
+@click.option("--detector", type=click.Choice(sorted(DETECTORS)), default="yunet",
+              show_default=True, help="yunet: the CNN shipped in runtime/detectors/; haar: "
+              "OpenCV's cascades (no model file needed).")
 @click.option("--detector-model", type=click.Path(dir_okay=False), default=None,
-              help="YuNet ONNX file for --detector yunet.")
-@click.option("--min-face", type=click.FloatRange(0.02, 1.0), default=HAAR_DEFAULTS["min_face"],
-              show_default=True, help="Smallest face searched, as a fraction of the frame's "
-              "shorter side (Haar: lower finds smaller faces, slower).")
+              help="Another YuNet ONNX file.  [default: runtime/detectors/face_detection_yunet_2023mar.onnx]")
+@click.option("--min-face", type=float, default=None,
+              help="Smallest face: YuNet, box side in pixels [default 16]; Haar, fraction of the "
+              "frame's shorter side [default 0.3].")
+@click.option("--level/--no-level", default=True, show_default=True,
+              help="Cut each crop upright (rotated by the face's roll); points are rotated back.")
 @click.option("--points", "points", default=None,
               help="Which head of a multi-head model to output: a point count (68, 98) or a "
               "scheme name.  [default: the bundle's first output]")
 @click.option("--track/--no-track", default=True, show_default=True,
               help="Video: place crops from the previous frame's points (re-detect when lost).")
 @click.option("--pose/--no-pose", default=True, show_default=True, help="Head pose per face.")
-@click.option("--refine/--no-refine", default=True, show_default=True,
-              help="Second landmark pass on a crop cut from a new face's first-pass points "
-              "(one more network run per new face; more accurate, see runtime/pipeline.py).")
-@click.option("--max-faces", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--refine", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True, help="Second landmark pass on a crop cut from a new face's "
+              "first-pass points: auto = only for faces rolled more than 10 degrees from their "
+              "crop (see runtime/pipeline.py).")
+@click.option("--max-faces", type=click.IntRange(1), default=10, show_default=True,
+              help="Most faces per frame: every face found, up to this many.")
 @click.option("--max-frames", type=click.IntRange(0), default=0, show_default=True,
               help="Stop a video or camera after N frames (0: run to the end / Ctrl-C).")
 @click.option("--draw", type=click.Path(dir_okay=False), default=None,
               help="Write the input with points drawn (image: .jpg/.png; video: .avi/.mp4).")
-def main(bundle, source, engine, threads, device, detector, detector_model, min_face, points,
-         track, pose, refine, max_faces, max_frames, draw):
+def main(bundle, source, engine, threads, device, detector, detector_model, min_face, level,
+         points, track, pose, refine, max_faces, max_frames, draw):
     """Facial landmarks and head pose as JSON lines (one per frame) on stdout."""
     cv2.setNumThreads(threads)
     try:
@@ -144,17 +159,15 @@ def main(bundle, source, engine, threads, device, detector, detector_model, min_
             det = make_detector(detector, detector_model, min_face=min_face)
             # a single image has no previous frame: tracking does not apply
             pipe = Pipeline(bundle, engine=engine, threads=threads, device=device, detector=det,
-                            track=track and not image, pose=pose, refine=refine,
-                            max_faces=max_faces,
+                            track=track and not image, pose=pose,
+                            refine={"on": True, "off": False}.get(refine, refine),
+                            max_faces=max_faces, level=level,
                             points=int(points) if points and points.isdigit() else points)
         except (BundleError, DetectorError, EngineUnavailable, ValueError, KeyError):
             raise
         except Exception as e:  # noqa: BLE001 - engines raise their own types for a bad model
             raise BundleError(f"cannot load the model of bundle {bundle}: "
                               f"{type(e).__name__}: {e}") from None
-        if not getattr(pipe.detector, "calibrated", True):
-            note(f"the {detector} detector's box calibration was not measured (see "
-                 "runtime/calibrate_detector.py); crops use an estimate")
         if image:
             run_image(pipe, source, draw)
         else:

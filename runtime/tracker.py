@@ -72,6 +72,7 @@ class Track:
     id: int
     box: tuple[float, float, float, float]     # where to crop on the current frame
     fresh: bool = True                         # box came from the detector on this frame
+    angle: float = 0.0                         # roll the crop is rotated by (degrees)
     stage: str = ""                            # detector stage that found it
     side: float | None = None                  # landmark-extent side on the previous frame
     unconfirmed: int = 0
@@ -131,6 +132,7 @@ class Tracker:
                 t.unconfirmed = 0
                 if overlap < self.cfg.reseed_iou:     # drifted: restart from the detection
                     t.box, t.fresh, t.stage, t.side = best.box, True, best.stage, None
+                    t.angle = best.angle
                     t.filter = OneEuroFilter(self.cfg.min_cutoff, self.cfg.beta)
             else:
                 t.unconfirmed += 1
@@ -141,7 +143,7 @@ class Tracker:
         for d in free:
             if len(self.tracks) >= self.cfg.max_faces:
                 break
-            self.tracks.append(Track(self._next_id, d.box, True, d.stage,
+            self.tracks.append(Track(self._next_id, d.box, True, angle=d.angle, stage=d.stage,
                                      filter=OneEuroFilter(self.cfg.min_cutoff, self.cfg.beta)))
             self._next_id += 1
         return list(self.tracks)
@@ -157,9 +159,10 @@ class Tracker:
         return gone
 
     def update(self, track: Track, points: np.ndarray, image_size: tuple[int, int],
-               t: float) -> np.ndarray | None:
-        """Feed a track's new points; (smoothed points) or None if the track is lost."""
-        x0, y0, x1, y1 = landmark_box(points)
+               t: float, angle: float = 0.0) -> np.ndarray | None:
+        """Feed a track's new points (and their roll, degrees, for a levelled next crop);
+        (smoothed points) or None if the track is lost."""
+        x0, y0, x1, y1 = landmark_box(points, angle)
         side = max(x1 - x0, y1 - y0)
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         w, h = image_size
@@ -171,7 +174,7 @@ class Tracker:
             self.tracks = [x for x in self.tracks if x is not track]
             return None
         track.side = side
-        track.box = (x0, y0, x1, y1)
+        track.box, track.angle = (x0, y0, x1, y1), angle
         if not self.cfg.smooth:
             return np.asarray(points, np.float64)
         return track.filter(points, t, side)

@@ -3,7 +3,6 @@ round-trips, and a malformed meta.json fails with the file and the key."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

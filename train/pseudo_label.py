@@ -35,7 +35,7 @@ from runtime.bundle import (BundleMeta, SpecError, atomic_write_bytes, atomic_wr
 from runtime.decode import Landmarker
 from runtime.engines import ENGINES, load_bundle
 from runtime.preprocess import Preprocess, landmark_box
-from runtime.schemes import Scheme, get_scheme
+from runtime.schemes import Scheme
 
 LABEL_VERSION = 1
 POOL_TSV = "faces.tsv"

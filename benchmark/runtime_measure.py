@@ -1,9 +1,12 @@
 """Reproducible speed and detection figures of the device runtime (runtime.pipeline.Pipeline).
 
-    python runtime/measure.py make-video --out /tmp/faces.avi          # real faces, moving
-    python runtime/measure.py video --model B1 --model B2 --video /tmp/faces.avi
-    python runtime/measure.py images --model B --ground-truth wflw     # the 505 WFLW crops
-    python runtime/measure.py smoothing --model B                      # tracker's One Euro filter
+    python benchmark/runtime_measure.py make-video --out /tmp/faces.avi      # real faces, moving
+    python benchmark/runtime_measure.py video --model B1 --model B2 --video /tmp/faces.avi
+    python benchmark/runtime_measure.py images --model B --ground-truth wflw # the 505 WFLW crops
+    python benchmark/runtime_measure.py smoothing --model B                  # One Euro filter
+
+A development-machine tool beside the benchmark (it reads annotations through evaluation/);
+the device folder runtime/ holds only what runs on a device.
 
 `video`: per-frame milliseconds per stage (detect / crop / landmarks / pose, median and p90)
 and frames per second of Pipeline.process, with and without tracking, per bundle (engine).
@@ -21,39 +24,23 @@ first --warmup frames are not counted.
 """
 from __future__ import annotations
 
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 import cv2
 import numpy as np
 
+from common import host_info, host_string, now
 from runtime.bundle import atomic_write_json
-from runtime.detector import (DEFAULT_HAAR_CHAIN, HAAR_DEFAULTS, HaarDetector,
-                              make_detector)
+from runtime.detector import DEFAULT_HAAR_CHAIN, DETECTORS, HAAR_DEFAULTS, make_detector
 from runtime.engines import ENGINES
 from runtime.media import open_video, read_image
 from runtime.pipeline import STAGES, Pipeline
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PARTS = STAGES + ("total",)
-
-
-def host() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, " \
-           f"Python {platform.python_version()}, OpenCV {cv2.__version__}"
 
 
 def _stats(v) -> dict:
@@ -65,8 +52,11 @@ def _stats(v) -> dict:
 
 
 def make_pipeline(bundle, engine, threads, precision, detector, detector_model, haar,
-                  clock="wall", **kw):
-    det = make_detector(detector, detector_model, **(haar if detector == "haar" else {}))
+                  clock="wall", yunet_size=None, **kw):
+    if "refine" in kw:
+        kw["refine"] = {"on": True, "off": False}.get(kw["refine"], kw["refine"])
+    opts = haar if detector == "haar" else ({"max_side": yunet_size} if yunet_size else {})
+    det = make_detector(detector, detector_model, **opts)
     pipe = Pipeline(bundle, engine=engine, threads=threads, precision=precision, detector=det, **kw)
     if clock == "cpu":
         pipe.clock = time.process_time
@@ -76,7 +66,7 @@ def make_pipeline(bundle, engine, threads, precision, detector, detector_model, 
 def _engine_label(pipe: Pipeline) -> str:
     e = pipe.engine
     prec = ""
-    if hasattr(e, "execution_precision"):     # OpenVINO: what the device really runs
+    if e.reports_precision:     # OpenVINO: what the device really runs
         p = e.execution_precision()
         prec = f" (executes {p.split(chr(39))[1] if chr(39) in p else p})"
     return f"{e.name} {pipe.meta.precision}{prec}"
@@ -187,19 +177,25 @@ def time_images(pipe: Pipeline, images: list[np.ndarray], warmup: int = 5,
     return rec
 
 
+GROUND_TRUTH = {"wflw": "wflw:test", "helen": "300w:helen_test", "300w-train": "300w:train"}
+
+
 def annotated_faces(dataset: str, model_scheme):
     """(image paths, per image (points in the model's layout, eye corners)) of annotated faces:
-    "wflw" (the 505 test crops) or "helen" (the 330 300-W HELEN test crops)."""
+    "wflw" (the 505 test crops), "helen" (the 330 300-W HELEN test crops) or "300w-train" (the
+    2,012 training faces: where runtime settings are chosen)."""
+    from evaluation.sets import set_info      # development machine only
     from runtime.schemes import get_scheme
-    from evaluation.data import load_300w, load_wflw      # development machine only
-    faces, data = (load_wflw(), get_scheme("wflw98")) if dataset == "wflw" else \
-        (load_300w(split="helen_test"), get_scheme("300w68"))
+    info = set_info(GROUND_TRUTH[dataset])
+    faces, data = info.load(None), get_scheme(info.scheme)
     out = []
     for f in faces:
         gt = np.asarray(f.points, np.float64)
         if model_scheme.num_points != data.num_points:
-            gt = data.as_68(gt)
-        out.append((gt, model_scheme.eye_corners))
+            gt = (data if data.num_points > model_scheme.num_points else model_scheme).as_68(gt) \
+                if data.num_points == 98 else gt
+        out.append((gt, model_scheme.eye_corners if model_scheme.num_points == len(gt)
+                    else get_scheme(68).eye_corners))
     return [f.image_path for f in faces], out
 
 
@@ -213,8 +209,13 @@ def _common(f):
     f = click.option("--precision", default=None, help="Engine precision hint (OpenVINO "
                      "'f32' pins full precision; default: the device's own, bf16 on some "
                      "CPUs).")(f)
-    f = click.option("--detector", type=click.Choice(["haar", "yunet"]), default="haar",
+    f = click.option("--detector", type=click.Choice(sorted(DETECTORS)), default="yunet",
                      show_default=True)(f)
+    f = click.option("--yunet-size", type=int, default=None,
+                     help="YuNet input size (longer side)  [default: calibration.json's]")(f)
+    f = click.option("--level/--no-level", default=True, show_default=True,
+                     help="Upright crops (rotated by the face's roll).")(f)
+    f = click.option("--max-faces", type=int, default=10, show_default=True)(f)
     f = click.option("--detector-model", type=click.Path(dir_okay=False), default=None)(f)
     f = click.option("--chain", default=",".join(DEFAULT_HAAR_CHAIN), show_default=True,
                      help="Haar stages, in order.")(f)
@@ -226,7 +227,8 @@ def _common(f):
                      show_default=True)(f)
     f = click.option("--min-neighbors", type=int, default=HAAR_DEFAULTS["min_neighbors"],
                      show_default=True)(f)
-    f = click.option("--refine/--no-refine", default=True, show_default=True)(f)
+    f = click.option("--refine", type=click.Choice(["auto", "on", "off"]), default="auto",
+                     show_default=True)(f)
     f = click.option("--warmup", type=int, default=5, show_default=True)(f)
     f = click.option("--clock", type=click.Choice(["wall", "cpu"]), default="wall",
                      show_default=True, help="Stage timer: wall clock, or process CPU time "
@@ -272,9 +274,9 @@ def make_video_cmd(faces_dir, out, frames, per_face, seed):
 @_common
 @click.option("--video", required=True, help="Video file (see make-video) or camera index.")
 @click.option("--max-frames", type=int, default=0, show_default=True)
-def video_cmd(bundles, engine, threads, precision, detector, detector_model, chain, min_face,
-              search_px, scale_factor, min_neighbors, refine, warmup, clock, out, video,
-              max_frames):
+def video_cmd(bundles, engine, threads, precision, detector, yunet_size, level, max_faces,
+              detector_model, chain, min_face, search_px, scale_factor, min_neighbors, refine,
+              warmup, clock, out, video, max_frames):
     """Per-frame stage split and fps, with and without tracking, per bundle."""
     cv2.setNumThreads(threads)
     frames = read_frames(video, max_frames)
@@ -285,7 +287,8 @@ def video_cmd(bundles, engine, threads, precision, detector, detector_model, cha
     for i, b in enumerate(bundles, 1):
         for track in (True, False):
             pipe = make_pipeline(b, engine, threads, precision, detector, detector_model, haar,
-                                 clock, track=track, refine=refine)
+                                 clock, yunet_size, track=track, refine=refine, level=level,
+                                 max_faces=max_faces)
             click.echo(f"[{i}/{len(bundles)}] {b} track={track} ...", err=True)
             rec = time_video(pipe, frames, warmup)
             rec.update({"bundle": str(b), "engine": _engine_label(pipe), "track": track,
@@ -310,20 +313,21 @@ def video_cmd(bundles, engine, threads, precision, detector, detector_model, cha
 @_common
 @click.option("--images", "images_dir", type=click.Path(file_okay=False), default=None,
               help="Folder of images (default: the WFLW crops in ../shared/wflw).")
-@click.option("--ground-truth", type=click.Choice(["none", "wflw", "helen"]), default="none",
+@click.option("--ground-truth", type=click.Choice(["none", *GROUND_TRUTH]), default="none",
               show_default=True, help="Use these annotated faces (instead of --images) and "
               "score the found ones (development machine: reads them through evaluation.data).")
 @click.option("--no-pose", is_flag=True, help="Skip head pose.")
-def images_cmd(bundles, engine, threads, precision, detector, detector_model, chain, min_face,
-               search_px, scale_factor, min_neighbors, refine, warmup, clock, out, images_dir,
-               ground_truth, no_pose):
+def images_cmd(bundles, engine, threads, precision, detector, yunet_size, level, max_faces,
+               detector_model, chain, min_face, search_px, scale_factor, min_neighbors, refine,
+               warmup, clock, out, images_dir, ground_truth, no_pose):
     """Median ms per image (detect + crop + landmarks) and the share of images with a face."""
     cv2.setNumThreads(threads)
     haar = _haar(chain, min_face, search_px, scale_factor, min_neighbors)
     records = []
     for i, b in enumerate(bundles, 1):
         pipe = make_pipeline(b, engine, threads, precision, detector, detector_model, haar,
-                             clock, track=False, refine=refine, pose=not no_pose)
+                             clock, yunet_size, track=False, refine=refine, pose=not no_pose,
+                             level=level, max_faces=max_faces)
         truth = None
         if ground_truth != "none":
             paths, truth = annotated_faces(ground_truth, pipe.scheme)
@@ -336,17 +340,18 @@ def images_cmd(bundles, engine, threads, precision, detector, detector_model, ch
         click.echo(f"[{i}/{len(bundles)}] {b}: {len(images)} images ...", err=True)
         rec = time_images(pipe, images, warmup, truth)
         rec.update({"bundle": str(b), "engine": _engine_label(pipe), "refine": refine,
-                    "threads": threads, "clock": clock, "detector": detector,
+                    "level": level, "threads": threads, "clock": clock, "detector": detector,
+                    "yunet_size": getattr(pipe.detector, "max_side", None),
                     "haar": haar if detector == "haar" else None})
         records.append(rec)
-    click.echo("\n| engine | refine | images | face found | right face | NME mean / median | "
+    click.echo("\n| engine | level | refine | images | face found | right face | NME mean / median | "
                "ms/image median | p90 | detect | landmarks | cpu ms median |")
-    click.echo("|---|---|---|---|---|---|---|---|---|---|---|")
+    click.echo("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
         right = f"{r['right_face']} ({r['right_share']:.1%})" if "right_face" in r else "-"
         nme = f"{r['nme_found']:.4f} / {r['nme_found_median']:.4f}" \
             if r.get("nme_found") is not None else "-"
-        click.echo(f"| {r['engine']} | {r['refine']} | {r['images']} | {r['found']} "
+        click.echo(f"| {r['engine']} | {r['level']} | {r['refine']} | {r['images']} | {r['found']} "
                    f"({r['found_share']:.1%}) | {right} | {nme} | "
                    f"{_fmt(r['ms_per_image']['median'])} | {_fmt(r['ms_per_image']['p90'])} | "
                    f"{_fmt(r['ms']['detect']['median'])} | "
@@ -413,10 +418,50 @@ def smoothing_cmd(bundle, faces, settings):
                "motion of the still face, same units)")
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise click.ClickException("no /proc/self/status here: the soak needs Linux")
+
+
+@cli.command("soak")
+@click.option("--model", "bundle", required=True, type=click.Path())
+@click.option("--video", required=True, help="Video file (see make-video); looped to --frames.")
+@click.option("--frames", type=int, default=10000, show_default=True)
+@click.option("--every", type=int, default=250, show_default=True, help="RSS sample interval")
+@click.option("--out", type=click.Path(dir_okay=False), default=None)
+def soak_cmd(bundle, video, frames, every, out):
+    """Many frames through the tracking path, resident memory sampled: its slope (MB per 1,000
+    frames, least squares over the second half) should be about zero."""
+    cv2.setNumThreads(1)
+    clip = read_frames(video)
+    pipe = Pipeline(bundle)
+    samples, found = [], 0
+    t0 = time.perf_counter()
+    for i in range(frames):
+        found += bool(pipe.process(clip[i % len(clip)]))
+        if i % every == 0 or i == frames - 1:
+            samples.append((i, _rss_mb()))
+    wall = time.perf_counter() - t0
+    a = np.asarray(samples[len(samples) // 2:], np.float64)
+    slope = float(np.polyfit(a[:, 0], a[:, 1], 1)[0] * 1000)
+    rec = {"bundle": str(bundle), "frames": frames, "frames_with_face": found,
+           "detector_runs": pipe.detector_runs, "seconds": round(wall, 1),
+           "rss_mb_first": round(samples[0][1], 1), "rss_mb_last": round(samples[-1][1], 1),
+           "rss_mb_max": round(max(v for _, v in samples), 1),
+           "rss_slope_mb_per_1000_frames": round(slope, 4), "samples": samples}
+    click.echo(f"{frames} frames in {wall:.1f} s, a face in {found}; RSS {rec['rss_mb_first']} -> "
+               f"{rec['rss_mb_last']} MB (max {rec['rss_mb_max']}), slope over the second half "
+               f"{slope:+.4f} MB per 1,000 frames")
+    _write(out, [rec])
+
+
 def _write(out, records) -> None:
     if out:
-        atomic_write_json(out, {"host": host(), "created": datetime.now(timezone.utc).isoformat(
-            timespec="seconds"), "command": " ".join(sys.argv), "records": records})
+        atomic_write_json(out, {"host": host_string(host_info()), "created": now(),
+                                "command": " ".join(sys.argv), "records": records})
         click.echo(f"wrote {out}", err=True)
 
 
