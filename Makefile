@@ -11,7 +11,7 @@ TEACHER ?= $(SHARED)/teachers/pfld_ghostone/PFLD_GhostOne_112_1_opt_sim.onnx
 LABELS  ?= runs/labels
 
 .PHONY: all venv export quantize benchmark gate test test-fast train clean ghostone compare \
-	labels train-student
+	labels train-student peers runtime-vs
 
 all: venv export quantize benchmark gate
 
@@ -82,6 +82,18 @@ ghostone: venv
 compare: quantize ghostone
 	$(PY) benchmark/run.py --backend all --threads 1 --bundles $(ART) --bundles $(GHOST) \
 		--checkpoint $(MODEL) --out artifacts/compare
+
+# MediaPipe face mesh in its own venv, for the side-by-side runtime comparison only
+peers: .venv-peers/.installed
+.venv-peers/.installed: benchmark/peers/requirements.txt
+	python3 -m venv .venv-peers
+	.venv-peers/bin/pip install --quiet -r benchmark/peers/requirements.txt
+	touch $@
+
+# Our runtime and MediaPipe's face mesh, same inputs, same core, interleaved (README: Runtime)
+runtime-vs: venv peers quantize
+	$(PY) benchmark/runtime_vs.py --model $(ART)/onnx_int8 --out artifacts/runtime_vs_onnx_int8.json
+	$(PY) benchmark/runtime_vs.py --model $(ART)/tflite_int8 --out artifacts/runtime_vs_tflite_int8.json
 
 # Teacher labels (98 points, 3 passes, disagreement), cached by the teacher's sha256 and settings
 labels: venv
