@@ -22,7 +22,8 @@ venv: .venv/.installed
 	.venv/bin/pip install --quiet torch==2.13.0
 	.venv/bin/pip install --quiet -r requirements.txt
 	# the repository's packages, importable from anywhere (pyproject.toml); no build isolation:
-	# the venv's own setuptools builds it, nothing else is fetched
+	# the venv's own setuptools builds it (>= 70.1 builds wheels itself; torch brings one)
+	.venv/bin/pip install --quiet "setuptools>=70.1"
 	.venv/bin/pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
