@@ -11,7 +11,7 @@ TEACHER ?= $(SHARED)/teachers/pfld_ghostone/PFLD_GhostOne_112_1_opt_sim.onnx
 LABELS  ?= runs/labels
 
 .PHONY: all venv export quantize benchmark gate test test-fast train clean ghostone compare \
-	labels train-student peers runtime-vs
+	labels train-student peers runtime-vs quantize-arm arm-check
 
 all: venv export quantize benchmark gate
 
@@ -83,6 +83,17 @@ ghostone: venv
 compare: quantize ghostone
 	$(PY) benchmark/run.py --backend all --threads 1 --bundles $(ART) --bundles $(GHOST) \
 		--checkpoint $(MODEL) --out artifacts/compare
+
+# INT8 with the ARM preset (symmetric s8 activations) beside the x86 one, from the same FP32 bundles
+quantize-arm: export
+	rm -rf $(ART)-armpreset && mkdir -p $(ART)-armpreset
+	cp -r $(ART)/onnx_sim_fp32 $(ART)/openvino_fp32 $(ART)/tflite_fp32 $(ART)-armpreset/
+	$(PY) quantize/run.py --bundle-dir $(ART)-armpreset --preset arm
+
+# Every bundle on emulated aarch64 (Raspberry Pi OS bookworm: Debian arm64 root, qemu-user,
+# Cortex-A76 = Pi 5), compared with x86; the root is cached in ~/.cache/landmark-arm (README: ARM)
+arm-check: quantize quantize-arm
+	$(PY) benchmark/arm_check.py --install-tools --bundles $(ART) --bundles $(ART)-armpreset
 
 # MediaPipe face mesh in its own venv, for the side-by-side runtime comparison only
 peers: .venv-peers/.installed

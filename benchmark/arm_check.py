@@ -1,0 +1,382 @@
+"""ARM as a tested target: the device runtime and every bundle run on emulated aarch64 (a
+Debian bookworm arm64 root under qemu-user, as on Raspberry Pi OS bookworm: Python 3.11.2,
+glibc 2.36), on real faces, compared with the same bundles on this x86 host.
+
+    make arm-check                        # = python benchmark/arm_check.py --install-tools
+    python benchmark/arm_check.py --cpu cortex-a72 --bundles artifacts/pfld68_w05
+    python benchmark/arm_check.py --dry-run     # the plan: what would be built, run, written
+
+Steps: (1) host tools (qemu-user-static, debootstrap; `--install-tools` apt-installs them);
+(2) a cached arm64 root in --cache (debootstrap, built once into a temporary folder and renamed
+into place); (3) one venv per runtime/requirements*.txt inside it, cached by the file's sha256;
+(4) runtime/, the bundles and a fixed sample of real face crops (every 4th WFLW evaluation face,
+rect crops, and every 4th HELEN test face) staged in the root; (5) each bundle runs there under
+`QEMU_CPU=<cpu>` through the copied runtime only, in a private mount namespace (unshare) where
+/proc is mounted and /proc/cpuinfo shows a Raspberry Pi-like CPU (LiteRT and onnxruntime crash at
+model load on qemu's pass-through of the host's x86 cpuinfo), so nothing stays mounted on the
+host; (6) the same bundles run on the same crops here; records in the benchmark's format
+(device "aarch64, emulated <cpu>", latency not meaningful), results.md and arm_report.json.
+
+Emulator traps (not a Pi's): qemu's default CPU model offers SVE/SME, and TFLite INT8 then
+computes wrong outputs; --cpu cortex-a76 (Pi 5, default) or cortex-a72 (Pi 4) match real cores.
+Emulated timings mean nothing; outputs do.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = "http://deb.debian.org/debian"
+SUITE = "bookworm"
+PACKAGES = "python3,python3-venv,python3-pip,ca-certificates,libgomp1"
+CPUS = {   # QEMU_CPU -> (what it stands for, MIDR_EL1, cpuinfo "CPU part")
+    "cortex-a76": ("Raspberry Pi 5", "0x00000000414fd0b1", "0xd0b"),
+    "cortex-a72": ("Raspberry Pi 4", "0x00000000410fd083", "0xd08"),
+}
+REQUIREMENTS = {"tflite": "requirements.txt", "onnxruntime": "requirements-onnxruntime.txt",
+                "openvino": "requirements-openvino.txt"}
+SETS = (("wflw:eval/rect", 4), ("300w:helen_test/landmarks", 4))
+
+
+class ArmError(click.ClickException):
+    pass
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if p.returncode:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-8:]
+        raise ArmError(f"{' '.join(map(str, cmd))[:200]} failed ({p.returncode}):\n" + "\n".join(tail))
+    return p
+
+
+# -- host tools and the binfmt handler -----------------------------------------------------------
+def check_tools(install: bool, log) -> None:
+    missing = [t for t in ("qemu-aarch64-static", "debootstrap", "unshare", "chroot")
+               if shutil.which(t) is None]
+    if missing and install:
+        log("installing qemu-user-static binfmt-support debootstrap (apt)")
+        run(["apt-get", "update", "-qq"])
+        run(["apt-get", "install", "-y", "-qq", "qemu-user-static", "binfmt-support", "debootstrap"],
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        missing = [t for t in ("qemu-aarch64-static", "debootstrap") if shutil.which(t) is None]
+    if missing:
+        raise ArmError(f"missing host tools: {', '.join(missing)} (apt-get install qemu-user-static "
+                       "binfmt-support debootstrap, or run with --install-tools)")
+
+
+class Binfmt:
+    """Enables the kernel's qemu-aarch64 handler for the duration, and restores what it found
+    (mounted binfmt_misc, enabled entry) afterwards."""
+    FS = Path("/proc/sys/fs/binfmt_misc")
+
+    def __enter__(self):
+        self.mounted = False
+        self.enabled = False
+        if not (self.FS / "status").exists():
+            run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(self.FS)])
+            self.mounted = True
+        entry = self.FS / "qemu-aarch64"
+        if not entry.exists() or not entry.read_text().startswith("enabled"):
+            run(["update-binfmts", "--enable", "qemu-aarch64"])
+            self.enabled = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            subprocess.run(["update-binfmts", "--disable", "qemu-aarch64"], capture_output=True)
+        if self.mounted:
+            subprocess.run(["umount", str(self.FS)], capture_output=True)
+
+
+# -- the root -------------------------------------------------------------------------------------
+def build_root(cache: Path, log) -> Path:
+    root = cache / f"{SUITE}-arm64"
+    if (root / ".complete").is_file():
+        return root
+    tmp = cache / f"{SUITE}-arm64.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cache.mkdir(parents=True, exist_ok=True)
+    log(f"debootstrap {SUITE} arm64 into {tmp} (a few minutes, once)")
+    t = time.perf_counter()
+    run(["debootstrap", "--arch=arm64", "--variant=minbase", f"--include={PACKAGES}", SUITE,
+         str(tmp), MIRROR])
+    (tmp / ".complete").write_text(f"{time.perf_counter() - t:.0f} s\n")
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return root
+
+
+def fake_cpu(root: Path, cpu: str) -> Path:
+    """A Raspberry Pi-like /proc/cpuinfo (bind-mounted in the private namespace) and MIDR_EL1
+    sysfs files inside the root."""
+    _, midr, part = CPUS[cpu]
+    lines = []
+    for i in range(4):
+        lines += [f"processor\t: {i}", "BogoMIPS\t: 108.00",
+                  "Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp "
+                  "cpuid asimdrdm lrcpc dcpop asimddp", "CPU implementer\t: 0x41",
+                  "CPU architecture: 8", "CPU variant\t: 0x4", f"CPU part\t: {part}",
+                  "CPU revision\t: 1", ""]
+    info = root / "etc" / "fake-cpuinfo"
+    info.write_text("\n".join(lines))
+    for i in range(4):
+        d = root / "sys" / "devices" / "system" / "cpu" / f"cpu{i}" / "regs" / "identification"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "midr_el1").write_text(midr + "\n")
+    return info
+
+
+def in_root(root: Path, cpu: str, command: str, timeout: int = 3600) -> subprocess.CompletedProcess:
+    """Run a shell command in the arm64 root, in a private mount namespace (nothing stays
+    mounted on the host), with /proc mounted and a Pi-like cpuinfo over it."""
+    info = fake_cpu(root, cpu)
+    script = (f"mount -t proc proc {root}/proc && mount --bind {info} {root}/proc/cpuinfo && "
+              f"exec chroot {root} /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root "
+              f"QEMU_CPU={cpu} PYTHONPATH=/work /bin/sh -c {_q(command)}")
+    return run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+               env={**os.environ, "QEMU_CPU": cpu}, timeout=timeout)
+
+
+def _q(s: str) -> str:
+    return "'" + s.replace("'", "'\"'\"'") + "'"
+
+
+def venvs(root: Path, cpu: str, engines: set[str], log) -> dict[str, str]:
+    """One venv per runtime requirements file in the root, reused while the file is unchanged."""
+    out = {}
+    for engine, req in REQUIREMENTS.items():
+        if engine not in engines:
+            continue
+        text = (REPO / "runtime" / req).read_bytes()
+        key = hashlib.sha256(text).hexdigest()[:16]
+        venv = f"/opt/rt-{engine}-{key}"
+        if not (root / venv.lstrip("/") / ".installed").is_file():
+            log(f"venv {venv}: pip install -r runtime/{req} (emulated, a minute or two)")
+            (root / "tmp" / req).write_bytes(text)
+            t = time.perf_counter()
+            in_root(root, cpu, f"python3 -m venv {venv} && {venv}/bin/pip install --quiet "
+                               f"--only-binary=:all: -r /tmp/{req} && touch {venv}/.installed")
+            log(f"      {time.perf_counter() - t:.0f} s")
+        out[engine] = venv
+    return out
+
+
+# -- faces and bundles ------------------------------------------------------------------------------
+def bundles_of(folders) -> list[Path]:
+    out = []
+    for f in folders:
+        out += sorted(p for p in Path(f).iterdir() if (p / "meta.json").is_file())
+    if not out:
+        raise ArmError(f"no bundles under {', '.join(map(str, folders))}; run `make quantize`")
+    return out
+
+
+def face_sample():
+    from evaluation.sets import scored_set
+    out = []
+    for key, every in SETS:
+        s = scored_set(key)
+        out.append((s, s.faces()[::every]))
+    return out
+
+
+def crops_for(meta, sample) -> tuple[np.ndarray, list]:
+    from evaluation.metrics import face_box
+    pre = meta.preprocess
+    xs, mats = [], []
+    for s, faces in sample:
+        for f in faces:
+            m = pre.crop_matrix(face_box(f, s.protocol))
+            xs.append(pre.normalize(pre.crop(f.image(), m))[0])
+            mats.append(m)
+    return np.stack(xs), mats
+
+
+def score(meta, out_index, y: np.ndarray, mats, sample) -> dict:
+    """NME per set of crop-normalised outputs y of one output of a bundle."""
+    from evaluation.metrics import score as nme_of
+    from evaluation.metrics import summarize
+    from evaluation.sets import scorings
+    from runtime.schemes import get_scheme
+    pts = meta.preprocess.decode(y, mats)
+    res, i = {}, 0
+    for s, faces in sample:
+        p = pts[i:i + len(faces)]
+        i += len(faces)
+        for sc in scorings([o.scheme for o in meta.outputs], s.scheme):
+            if sc.output != out_index:
+                continue
+            nme = nme_of(p, faces, get_scheme(meta.outputs[out_index].scheme),
+                         get_scheme(s.scheme), sc.as68)
+            res[s.key + sc.suffix] = {**summarize(nme), "protocol": s.protocol,
+                                      "_points": p}
+    return res
+
+
+# -- the check ----------------------------------------------------------------------------------------
+@click.command()
+@click.option("--bundles", "folders", multiple=True,
+              default=("artifacts/pfld68_w05",), show_default=True,
+              help="model folders whose bundles run on ARM (repeatable)")
+@click.option("--cpu", type=click.Choice(list(CPUS)), default="cortex-a76", show_default=True,
+              help="QEMU CPU model: cortex-a76 = Raspberry Pi 5, cortex-a72 = Pi 4")
+@click.option("--cache", default=str(Path.home() / ".cache" / "landmark-arm"), show_default=True,
+              type=click.Path(file_okay=False), help="where the arm64 root and its venvs live")
+@click.option("--install-tools", is_flag=True, help="apt-get install the host tools if missing")
+@click.option("--budget", default=0.10, show_default=True, help="INT8 drift budget, NME points")
+@click.option("--out", default="artifacts/arm", show_default=True, type=click.Path(file_okay=False))
+@click.option("--dry-run", is_flag=True, help="print the plan and check the inputs, run nothing")
+def main(folders, cpu, cache, install_tools, budget, out, dry_run):
+    """Run every bundle on emulated aarch64 and compare with x86 (see the module doc)."""
+    log = lambda m: click.echo(m, err=True)    # noqa: E731
+    from runtime.bundle import BundleMeta, atomic_write_json
+    bundles = bundles_of(folders)
+    metas = {b: BundleMeta.load(b) for b in bundles}
+    engines = {m.engine for m in metas.values()}
+    unknown = engines - set(REQUIREMENTS)
+    if unknown:
+        raise ArmError(f"no runtime requirements file for engine(s) {', '.join(unknown)}")
+    sample = face_sample()
+    plan = {"cpu": f"{cpu} ({CPUS[cpu][0]})", "root": str(Path(cache) / f"{SUITE}-arm64"),
+            "venvs": {e: f"runtime/{REQUIREMENTS[e]}" for e in sorted(engines)},
+            "bundles": [str(b) for b in bundles],
+            "faces": {s.key: len(f) for s, f in sample}, "out": out}
+    if dry_run:
+        click.echo(json.dumps(plan, indent=1))
+        return
+    if platform.machine() != "x86_64":
+        raise ArmError("the check emulates aarch64 on an x86_64 host")
+    if os.geteuid() != 0:
+        raise ArmError("the check needs root (debootstrap, chroot, a private mount namespace)")
+    check_tools(install_tools, log)
+    out = Path(out)
+    t0 = time.perf_counter()
+    with Binfmt():
+        root = build_root(Path(cache), log)
+        envs = venvs(root, cpu, engines, log)
+        work = root / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(REPO / "runtime", work / "runtime",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        shutil.copy(REPO / "benchmark" / "arm" / "device_eval.py", work / "device_eval.py")
+        crops, mats = {}, {}
+        for b, m in metas.items():
+            name = f"{b.parent.name}__{b.name}"
+            shutil.copytree(b, work / "bundles" / name)
+            crops[name], mats[b] = crops_for(m, sample)
+        np.savez(work / "crops.npz", **crops)
+        arm = {}
+        for engine, venv in envs.items():
+            names = [f"{b.parent.name}__{b.name}" for b, m in metas.items() if m.engine == engine]
+            log(f"aarch64 ({cpu}): {engine}: {len(names)} bundle(s)")
+            in_root(root, cpu, f"cd /work && {venv}/bin/python device_eval.py crops.npz "
+                               f"out_{engine}.json " + " ".join(f"bundles/{n}" for n in names))
+            arm.update(json.loads((work / f"out_{engine}.json").read_text())["bundles"])
+        machine = in_root(root, cpu, "uname -m && python3 --version && ldd --version | head -1"
+                          ).stdout.split()
+    report = compare(metas, mats, crops, arm, sample, cpu, budget, machine)
+    report["wall_s"] = round(time.perf_counter() - t0, 1)
+    report["plan"] = plan
+    write(out, report, log)
+    bad = [r for r in report["rows"] if r["status"] != "ok"]
+    log(f"done in {report['wall_s']:.0f} s: {len(report['rows'])} bundles, "
+        f"{len(bad)} that do not run on aarch64")
+
+
+def compare(metas, mats, crops, arm, sample, cpu, budget, machine) -> dict:
+    """Score ARM and x86 outputs of every bundle on the same crops; drift against the model's
+    FP32 reference bundle on ARM and point shift against the same bundle on x86."""
+    from benchmark import records as R
+    from runtime.decode import Landmarker
+    rows, by_model = [], {}
+    for b, m in metas.items():
+        name = f"{b.parent.name}__{b.name}"
+        x = crops[name]
+        lm = Landmarker.open(b, threads=1, precision="f32")
+        x86 = {o.scheme: Landmarker(lm.meta, lm.engine, i)(x) for i, o in enumerate(m.outputs)}
+        a = arm.get(name, {"status": "error", "reason": "not run"})
+        row = {"model": b.parent.name, "bundle": b.name, "backend": m.engine,
+               "precision": m.precision, "device": f"aarch64, emulated {cpu}",
+               "status": a["status"], "reason": a.get("reason", ""),
+               "latency": None, "latency_note": "emulated: not meaningful",
+               "exec_precision": {"hint": "default", "actual": a.get("exec_precision")}}
+        if a["status"] == "ok":
+            acc_arm, acc_x86, shift = {}, {}, {}
+            for i, o in enumerate(m.outputs):
+                ya = np.asarray(a["outputs"][o.scheme], np.float32)
+                sa = score(m, i, ya, mats[b], sample)
+                sx = score(m, i, x86[o.scheme], mats[b], sample)
+                for k in sa:
+                    d = np.linalg.norm(sa[k].pop("_points") - sx[k].pop("_points"), axis=-1)
+                    shift[k] = float(d.mean(-1).mean())
+                acc_arm.update(sa)
+                acc_x86.update(sx)
+            row["accuracy"] = {k: R.accuracy_entry(
+                {**v, "fr_0.10": v["fr_0.10"], "auc_0.10": v["auc_0.10"]}) for k, v in acc_arm.items()}
+            row["nme_x86"] = {k: v["nme"] for k, v in acc_x86.items()}
+            row["shift_vs_x86_px"] = shift
+            row["max_shift_vs_x86_px"] = max(shift.values())
+        rows.append(row)
+        by_model.setdefault(b.parent.name, {})[b.name] = row
+    for model, rs in by_model.items():            # INT8 drift on ARM against FP32 on ARM
+        ref = next((rs[s] for s in ("onnx_sim_fp32", "onnx_fp32", "tflite_fp32") if s in rs
+                    and rs[s]["status"] == "ok"), None)
+        for r in rs.values():
+            if r["status"] != "ok" or ref is None or r["precision"] != "int8":
+                continue
+            r["drift_arm_points"] = {k: (v["nme"] - ref["accuracy"][k]["nme"]) * 100
+                                     for k, v in r["accuracy"].items() if k in ref["accuracy"]}
+            gated = {k: v for k, v in r["drift_arm_points"].items() if k.startswith("wflw:eval/")}
+            r["within_budget_on_arm"] = all(abs(v) <= budget for v in gated.values())
+            r["drift_reference"] = ref["bundle"]
+    return {"created": __import__("common").now(), "cpu": cpu, "machine": machine,
+            "host": __import__("common").host_string(__import__("common").host_info()),
+            "budget_points": budget, "rows": rows}
+
+
+def write(out: Path, report: dict, log) -> None:
+    from benchmark import records as R
+    from runtime.bundle import atomic_write_json, atomic_write_text
+    (out / "records").mkdir(parents=True, exist_ok=True)
+    for r in report["rows"]:
+        rec = {"schema": R.SCHEMA, "id": R.record_id(r["model"], r["bundle"], r["device"], 1,
+                                                     "default"), "created": report["created"],
+               "host": report["host"], **r}
+        R.write_record(out / "records", rec)
+    atomic_write_json(out / "arm_report.json", report)
+    lines = [f"# {report['rows'][0]['device']}: every bundle against x86", "",
+             f"{report['created']}, {' '.join(report['machine'])}; host {report['host']}", "",
+             "| model | bundle | status | WFLW eval rect NME (x86) | HELEN NME (x86) | max shift vs x86 px "
+             "| INT8 drift on ARM (worst WFLW, pp) |", "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['model']} | {r['bundle']} | **does not run**: {r['reason'][:160]} "
+                         "| | | | |")
+            continue
+        a, x = r["accuracy"], r["nme_x86"]
+        f = lambda k: f"{a[k]['nme'] * 100:.2f} ({x[k] * 100:.2f})" if k in a else "-"   # noqa: E731
+        d = r.get("drift_arm_points")
+        worst = max((v for k, v in (d or {}).items() if k.startswith("wflw:eval/")), key=abs,
+                    default=None)
+        lines.append(f"| {r['model']} | {r['bundle']} | ok | {f('wflw:eval/rect')} | "
+                     f"{f('300w:helen_test/landmarks')} | {r['max_shift_vs_x86_px']:.3f} | "
+                     + ("-" if worst is None else f"{worst:+.3f}") + " |")
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    log(f"wrote {out / 'arm_report.json'}, {out / 'results.md'}")
+    click.echo("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

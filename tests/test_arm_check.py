@@ -1,0 +1,63 @@
+"""The ARM check's fast part (CI always): its plan, the Pi-like CPU files it plants, the shell
+quoting of commands run in the root, and the comparison of ARM and x86 outputs on real faces
+(fed x86 outputs as if from ARM: zero shift, zero drift; a bundle that failed there is a row
+that says so). The emulated run itself is `make arm-check` (README: ARM)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_dry_run_names_the_plan(tmp_path, tiny_bundle):
+    p = subprocess.run([sys.executable, str(REPO / "benchmark" / "arm_check.py"), "--dry-run",
+                        "--bundles", str(tiny_bundle.parent), "--cache", str(tmp_path / "c")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    plan = json.loads(p.stdout)
+    assert plan["cpu"].startswith("cortex-a76") and plan["venvs"] == {
+        "onnxruntime": "runtime/requirements-onnxruntime.txt"}
+    assert plan["faces"] == {"wflw:eval/rect": 86, "300w:helen_test/landmarks": 83}
+    assert not (tmp_path / "c").exists()                 # a dry run builds nothing
+
+
+def test_pi_like_cpu_files_and_quoting(tmp_path):
+    from benchmark.arm_check import _q, fake_cpu
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    info = fake_cpu(root, "cortex-a72").read_text()
+    assert info.count("processor") == 4 and "CPU part\t: 0xd08" in info and "sve" not in info
+    midr = root / "sys/devices/system/cpu/cpu0/regs/identification/midr_el1"
+    assert midr.read_text().strip() == "0x00000000410fd083"
+    out = subprocess.run(["sh", "-c", "echo " + _q("it's $HOME; `x`")], capture_output=True, text=True)
+    assert out.stdout.strip() == "it's $HOME; `x`"
+
+
+def test_compare_scores_arm_outputs_against_x86(tiny_bundle):
+    from benchmark.arm_check import compare, crops_for, face_sample
+    from runtime.bundle import BundleMeta
+    from runtime.decode import Landmarker
+    meta = BundleMeta.load(tiny_bundle)
+    sample = [(s, faces[:10]) for s, faces in face_sample()]
+    x, mats = crops_for(meta, sample)
+    name = f"{tiny_bundle.parent.name}__{tiny_bundle.name}"
+    y = Landmarker.open(tiny_bundle, precision="f32")(x)
+    arm = {name: {"status": "ok", "outputs": {"300w68": y.tolist()}, "exec_precision": None}}
+    rep = compare({tiny_bundle: meta}, {tiny_bundle: mats}, {name: x}, arm, sample,
+                  "cortex-a76", 0.10, ["aarch64"])
+    (row,) = rep["rows"]
+    assert row["status"] == "ok" and row["device"] == "aarch64, emulated cortex-a76"
+    assert row["latency"] is None and "not meaningful" in row["latency_note"]
+    assert set(row["accuracy"]) == {"wflw:eval/rect", "300w:helen_test/landmarks"}
+    assert row["max_shift_vs_x86_px"] < 1e-4
+    assert all(abs(row["accuracy"][k]["nme"] - row["nme_x86"][k]) < 1e-6 for k in row["nme_x86"])
+    failed = compare({tiny_bundle: meta}, {tiny_bundle: mats}, {name: x},
+                     {name: {"status": "error", "reason": "RuntimeError: scale size"}}, sample,
+                     "cortex-a76", 0.10, ["aarch64"])["rows"][0]
+    assert failed["status"] == "error" and "scale size" in failed["reason"]
