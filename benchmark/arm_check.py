@@ -29,7 +29,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -138,13 +137,27 @@ def fake_cpu(root: Path, cpu: str) -> Path:
     return info
 
 
+def host_ca(root: Path) -> str:
+    """The host's CA bundle copied into the root, so pip inside trusts what pip outside trusts
+    (a proxy's own CA, for one); its path inside the root."""
+    import ssl
+    src = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE") or \
+        ssl.get_default_verify_paths().cafile
+    if src and Path(src).is_file():
+        shutil.copy(src, root / "etc" / "host-ca.crt")
+        return "/etc/host-ca.crt"
+    return "/etc/ssl/certs/ca-certificates.crt"
+
+
 def in_root(root: Path, cpu: str, command: str, timeout: int = 3600) -> subprocess.CompletedProcess:
     """Run a shell command in the arm64 root, in a private mount namespace (nothing stays
     mounted on the host), with /proc mounted and a Pi-like cpuinfo over it."""
     info = fake_cpu(root, cpu)
+    ca = host_ca(root)
     script = (f"mount -t proc proc {root}/proc && mount --bind {info} {root}/proc/cpuinfo && "
               f"exec chroot {root} /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root "
-              f"QEMU_CPU={cpu} PYTHONPATH=/work /bin/sh -c {_q(command)}")
+              f"QEMU_CPU={cpu} PYTHONPATH=/work PIP_CERT={ca} SSL_CERT_FILE={ca} "
+              f"PIP_DISABLE_PIP_VERSION_CHECK=1 /bin/sh -c {_q(command)}")
     return run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                env={**os.environ, "QEMU_CPU": cpu}, timeout=timeout)
 
@@ -241,7 +254,7 @@ def score(meta, out_index, y: np.ndarray, mats, sample) -> dict:
 def main(folders, cpu, cache, install_tools, budget, out, dry_run):
     """Run every bundle on emulated aarch64 and compare with x86 (see the module doc)."""
     log = lambda m: click.echo(m, err=True)    # noqa: E731
-    from runtime.bundle import BundleMeta, atomic_write_json
+    from runtime.bundle import BundleMeta
     bundles = bundles_of(folders)
     metas = {b: BundleMeta.load(b) for b in bundles}
     engines = {m.engine for m in metas.values()}

@@ -62,8 +62,13 @@ def checkpoint_meta(path: str | Path) -> BundleMeta:
     path = Path(path)
     ck = load_checkpoint(path)
     heads = ck["arch"].get("heads")
-    outputs = ([OutputSpec(f"points_{h}", "points", h, index=i) for i, h in enumerate(heads)]
-               if heads else [OutputSpec("points", "points", ck["scheme"])])
+    if ck["arch"].get("family") == "heatmap":
+        from train.model import build
+        outputs = [OutputSpec("heatmaps", "heatmaps", ck["scheme"],
+                              params=build(ck["arch"]).output_params())]
+    else:
+        outputs = ([OutputSpec(f"points_{h}", "points", h, index=i) for i, h in enumerate(heads)]
+                   if heads else [OutputSpec("points", "points", ck["scheme"])])
     n = int(ck["arch"].get("input_size", 112))
     meta = BundleMeta(path.stem, TorchEngine.name, "fp32",
                       {path.name: FileInfo(sha256(path), path.stat().st_size)},

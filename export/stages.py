@@ -429,7 +429,9 @@ def checkpoint_source(checkpoint: str | Path) -> Source:
     from train.model import head_names
     ck, model = load_model(checkpoint)
     heads = ck["arch"].get("heads")
-    if heads:
+    if ck["arch"].get("family") == "heatmap":
+        outputs = [OutputSpec("heatmaps", "heatmaps", ck["scheme"], params=model.output_params())]
+    elif heads:
         outputs = [OutputSpec(f"points_{h}", "points", h, index=i) for i, h in enumerate(heads)]
     else:
         outputs = [OutputSpec(head_names(ck["arch"])[0], "points", ck["scheme"])]

@@ -110,6 +110,8 @@ def staging_dir(final: str | os.PathLike):
 # -- the typed description ---------------------------------------------------------------------
 OUTPUT_KINDS = {
     "points": "direct regression: 2K values a face, x,y pairs (order) in `units` of the crop",
+    "heatmaps": "one heatmap a point, (K, H, W); params: stride, decoder, window, tau "
+                "(runtime.decode.HeatmapDecoder)",
 }
 OUTPUT_ORDERS = ("xyxy", "xxyy")
 

@@ -86,6 +86,7 @@ class Pipeline:
         self.frame_index = 0
         self.detector_runs = 0
         self.last_ms = dict.fromkeys(STAGES, 0.0)
+        self._confidence = None
 
     def reset(self) -> None:
         """Forget tracks and counters (start of a new video)."""
@@ -103,12 +104,13 @@ class Pipeline:
         batch, mats = self.pre(image, boxes, angles)
         t1 = self.clock()
         pts = self.pre.decode(self.model(batch), mats)
+        self._confidence = self.model.confidence
         t2 = self.clock()
         ms["crop"] += (t1 - t) * 1e3
         ms["landmarks"] += (t2 - t1) * 1e3
         return pts
 
-    def _refine(self, frame, items, boxes, angles, pts, ms) -> None:
+    def _refine(self, frame, items, boxes, angles, pts, conf, ms):
         """Second pass(es) for new faces, in place: every new face once (refine=True), or
         (refine="auto") the faces whose points are rolled by more than refine_roll degrees
         from their crop, again while that holds, at most max_refine passes (a network trained
@@ -120,12 +122,15 @@ class Pipeline:
                 todo = [i for i in todo if self.level
                         and abs(self._roll(pts[i]) - angles[i]) > self.refine_roll]
             if not todo:
-                return
+                break
             angles2 = [self._roll(pts[i]) for i in todo]
             boxes2 = [landmark_box(pts[i], a) for i, a in zip(todo, angles2)]
             pts2 = self._landmarks(frame, boxes2, angles2, ms)
             for j, i in enumerate(todo):
                 boxes[i], angles[i], pts[i] = boxes2[j], angles2[j], pts2[j]
+                if conf is not None:
+                    conf[i] = self._confidence[j]
+        return conf
 
     def _detect(self, image, ms):
         t = self.clock()
@@ -172,15 +177,18 @@ class Pipeline:
         if items:
             boxes, angles = [it[1] for it in items], [it[4] for it in items]
             pts = self._landmarks(frame, boxes, angles, ms)
+            conf = self._confidence
             if self.refine:
-                self._refine(frame, items, boxes, angles, pts, ms)
-            for (tr, _, fresh, stage, _), box, angle, p in zip(items, boxes, angles, pts):
+                conf = self._refine(frame, items, boxes, angles, pts, conf, ms)
+            for j, ((tr, _, fresh, stage, _), box, angle, p) in enumerate(
+                    zip(items, boxes, angles, pts)):
                 if tr is not None:
                     p = self.tracker.update(tr, p, (w, h), t_video, self._roll(p))
                     if p is None:
                         continue
                 faces.append({"box": tuple(float(v) for v in box), "angle": float(angle),
-                              "points": p, "pose": None, "yaw_coefficient": None,
+                              "points": p, "confidence": None if conf is None else conf[j],
+                              "pose": None, "yaw_coefficient": None,
                               "source": "detect" if fresh else "track", "stage": stage,
                               "track": None if tr is None else tr.id})
             if self.tracker is not None and len(faces) > 1:

@@ -42,8 +42,12 @@ from runtime.pipeline import Pipeline  # noqa: E402
 def face_json(f: dict, digits: int = 2) -> dict:
     pose = f["pose"] and {k: round(v, digits) for k, v in f["pose"].items()}
     yc = f.get("yaw_coefficient")
+    conf = f.get("confidence")
+    pts = [[round(float(x), digits), round(float(y), digits)] for x, y in f["points"]]
+    if conf is not None:          # heatmap models: [x, y, p] with p the heatmap's peak
+        pts = [q + [round(float(c), 3)] for q, c in zip(pts, conf)]
     return {"box": [round(v, digits) for v in f["box"]], "angle": round(f.get("angle", 0.0), digits),
-            "points": [[round(float(x), digits), round(float(y), digits)] for x, y in f["points"]],
+            "points": pts,
             "pose": pose, "yaw_coefficient": None if yc is None else round(yc, 4),
             "source": f["source"], "stage": f["stage"], "track": f["track"]}
 

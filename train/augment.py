@@ -61,10 +61,12 @@ def augment(image: np.ndarray, points: np.ndarray, scheme: Scheme, size: int,
 
 
 def augment_sets(image: np.ndarray, point_sets: dict[str, np.ndarray], schemes: dict[str, Scheme],
-                 size: int, rng: np.random.Generator, cfg: AugmentConfig | None = None):
+                 size: int, rng: np.random.Generator, cfg: AugmentConfig | None = None,
+                 return_matrix: bool = False):
     """One random crop for a face labelled in several schemes: the affine comes from the
     extent of the first set; every set moves with the pixels and is re-indexed on a flip with
-    its own scheme's mirror table. Returns (crop, {name: (K, 2) crop pixels})."""
+    its own scheme's mirror table. Returns (crop, {name: (K, 2) crop pixels}), plus the
+    image -> crop affine under "_matrix" with return_matrix."""
     cfg = cfg or AugmentConfig()
     x0, y0, x1, y1 = landmark_box(next(iter(point_sets.values())))
     ext = max(x1 - x0, y1 - y0)
@@ -80,6 +82,8 @@ def augment_sets(image: np.ndarray, point_sets: dict[str, np.ndarray], schemes: 
     for name, pts in point_sets.items():
         q = apply_affine(np.asarray(pts, np.float64), m)
         out[name] = schemes[name].flip_index(q) if flip else q
+    if return_matrix:
+        out["_matrix"] = m
     return photometric(crop, rng, cfg), out
 
 

@@ -66,6 +66,11 @@ class TrainConfig:
     disagreement_tau: float = 0.0        # per-point weight 1 / (1 + (d / tau)^2) from the
                                          # teacher's flip disagreement d (0: off)
     max_disagreement: float = 0.2        # drop pool faces whose mean flip disagreement is larger
+    family: str = "pfld"                 # pfld (coordinate regression) | heatmap (train/heatmap.py)
+    hm_encoding: str = "continuous"      # heatmap targets: continuous | rounded (the baseline)
+    hm_decoder: str = "local_soft_argmax"   # runtime.decode.HEATMAP_DECODERS
+    hm_window: int = 5                   # local soft-argmax window
+    siamese: bool = False                # heatmap: two augmentations, warped back, averaged
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -196,11 +201,18 @@ class WeightAverage:
 
 
 def torch_predictor(model, head: str | None = None):
-    """NCHW numpy batch -> (N, 2K) numpy points of one head (default: the only/first one)."""
+    """NCHW numpy batch -> (N, 2K) numpy points of one head (default: the only/first one); a
+    heatmap model's maps are decoded by the runtime's decoder."""
+    decode = None
+    if getattr(model, "family", "pfld") == "heatmap":
+        from train.heatmap import to_numpy_decoder
+        decode = to_numpy_decoder(model)
+
     def predict(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             out = model.forward_heads(torch.from_numpy(x))
-            return out[head if head else next(iter(out))].numpy()
+            y = out[head if head else next(iter(out))].numpy()
+        return decode(y) if decode is not None else y
     return predict
 
 
@@ -309,6 +321,19 @@ def _point_weights(dis: np.ndarray, tau: float) -> np.ndarray:
 def build_model(cfg: TrainConfig, heads: list[str]) -> PFLD:
     """The network of a run, from --init weights when given (across head layouts)."""
     from train.model import load_partial
+    if cfg.family == "heatmap":
+        from train.heatmap import HeatmapPFLD
+        if len(heads) != 1:
+            raise ValueError("the heatmap family has one head (one point scheme)")
+        model = HeatmapPFLD(get_scheme(heads[0]).num_points, cfg.width,
+                            encoding=cfg.hm_encoding, decoder=cfg.hm_decoder,
+                            window=cfg.hm_window)
+        if cfg.init:
+            init = load_checkpoint(cfg.init)
+            fresh = load_partial(model, init["model"])
+            print(f"--init {cfg.init}: left at their initial values: {', '.join(fresh) or 'none'}",
+                  flush=True)
+        return model.to(memory_format=torch.channels_last)
     if len(heads) == 1 and not cfg.heads:
         model = PFLD(get_scheme(heads[0]).num_points, cfg.width)
     else:
@@ -333,8 +358,47 @@ def _schedule(opt, total: int, steps_per_epoch: int):
         0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
 
 
+def _heatmap_loss(cfg: TrainConfig, model, heads, x, targets, n_crop: int):
+    from train.heatmap import heatmap_loss
+    pred = model(x.to(memory_format=torch.channels_last))
+    y, mask, pw = targets[heads[0]]
+    pts = y.reshape(len(y), -1, 2) * n_crop
+    loss = heatmap_loss(pred[mask], pts[mask], pw[mask], model.sigma,
+                        cfg.hm_encoding == "continuous")
+    return loss, 0.0
+
+
+def _siamese_step(cfg: TrainConfig, model, data: "RunData", idx, pre: Preprocess, rng):
+    """Two augmentations of every face; the loss on their heatmaps warped back and averaged."""
+    from train.heatmap import canonical_matrix, siamese_loss
+    n, head = pre.input_size, data.heads[0]
+    scheme = get_scheme(head)
+    xs, mats, canon, ws = ([], []), ([], []), [], []
+    for i in idx:
+        it = data.items[i]
+        pts = it.targets[head]
+        mc = canonical_matrix(pts, n)
+        canon.append(pts @ mc[:, :2].T + mc[:, 2])
+        ws.append(it.weights[head])
+        for k in range(2):
+            crop, moved = augment_sets(it.face.image(), {head: pts}, {head: scheme}, n, rng,
+                                       cfg.augment, return_matrix=True)
+            m = moved["_matrix"]
+            xs[k].append(crop)
+            mats[k].append(np.vstack([mc, [0, 0, 1]]) @ np.linalg.inv(np.vstack([m, [0, 0, 1]])))
+    x0, x1 = (torch.from_numpy(pre.normalize(np.stack(v))) for v in xs)
+    m0, m1 = (torch.from_numpy(np.stack(v)[:, :2].astype(np.float32)) for v in mats)
+    cl = torch.from_numpy(np.stack(canon).astype(np.float32))
+    w = torch.from_numpy(np.stack(ws))
+    p0 = model(x0.to(memory_format=torch.channels_last))
+    p1 = model(x1.to(memory_format=torch.channels_last))
+    return siamese_loss(p0, p1, m0, m1, cl, w, model.sigma, cfg.hm_encoding == "continuous")
+
+
 def _batch_loss(cfg: TrainConfig, model, heads: list[str], x, targets, pose, attrs):
     """Sum over heads of weight x loss on the faces labelled for that head, + the pose loss."""
+    if cfg.family == "heatmap":
+        return _heatmap_loss(cfg, model, heads, x, targets, x.shape[-1])
     preds, pose_pred = model(x.to(memory_format=torch.channels_last), with_pose=True)
     if not isinstance(preds, tuple):
         preds = (preds,)
@@ -420,8 +484,12 @@ def train(cfg: TrainConfig) -> dict:
         sums = np.zeros(2)
         for b in bar:
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x, targets, pose, attrs = make_batch(data.items, idx, data.heads, pre, rng, cfg.augment)
-            loss, nme = _batch_loss(cfg, ddp, data.heads, x, targets, pose, attrs)
+            if cfg.siamese:
+                loss, nme = _siamese_step(cfg, ddp, data, idx, pre, rng), 0.0
+            else:
+                x, targets, pose, attrs = make_batch(data.items, idx, data.heads, pre, rng,
+                                                     cfg.augment)
+                loss, nme = _batch_loss(cfg, ddp, data.heads, x, targets, pose, attrs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -104,14 +104,19 @@ class PFLD(nn.Module):
 
 
 def build(arch: dict) -> PFLD:
-    """Model from the 'arch' dict stored in every checkpoint."""
+    """Model from the 'arch' dict stored in every checkpoint (either family)."""
+    if arch.get("family") == "heatmap":
+        from train.heatmap import build_heatmap
+        return build_heatmap(arch)
     heads = arch.get("heads")
     return PFLD(int(arch.get("num_points", 0) or 68), float(arch["width"]),
                 int(arch.get("input_size", 112)), {k: int(v) for k, v in heads.items()} if heads else None)
 
 
 def head_names(arch: dict) -> list[str]:
-    """The output names of a network: one per head, or ["points"]."""
+    """The output names of a network: one per head, ["heatmaps"] or ["points"]."""
+    if arch.get("family") == "heatmap":
+        return ["heatmaps"]
     return list(arch["heads"]) if arch.get("heads") else ["points"]
 
 

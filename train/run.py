@@ -53,6 +53,11 @@ def cli():
 @click.option("--head-weights", default="", help="comma list of loss weights, one per head [default: 1 each]")
 @click.option("--disagreement-tau", default=DEFAULTS.disagreement_tau, show_default=True, help="per-point weight 1/(1+(d/tau)^2) from the teacher's flip disagreement (0: off)")
 @click.option("--max-disagreement", default=DEFAULTS.max_disagreement, show_default=True, help="drop pool faces whose mean flip disagreement (x eye distance) is larger")
+@click.option("--family", type=click.Choice(["pfld", "heatmap"]), default=DEFAULTS.family, show_default=True, help="pfld: coordinate regression; heatmap: subpixel heatmap regression (train/heatmap.py)")
+@click.option("--hm-encoding", type=click.Choice(["continuous", "rounded"]), default=DEFAULTS.hm_encoding, show_default=True, help="heatmap targets centred at the exact location or rounded to a heatmap pixel")
+@click.option("--hm-decoder", type=click.Choice(["local_soft_argmax", "argmax_quarter", "global_soft_argmax"]), default=DEFAULTS.hm_decoder, show_default=True)
+@click.option("--hm-window", default=DEFAULTS.hm_window, show_default=True, help="local soft-argmax window (d x d)")
+@click.option("--siamese", is_flag=True, help="heatmap: Siamese consistency training (two augmentations, warped back)")
 def fit(aug_scale, aug_rotate, aug_occlude, heads, head_weights, **kw):
     """Train; each epoch writes last.pt (and best.pt on a better held-out NME) atomically."""
     kw["width"] = float(kw["width"])
