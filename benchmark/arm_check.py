@@ -284,12 +284,16 @@ def main(folders, cpu, cache, install_tools, budget, out, dry_run):
         shutil.copytree(REPO / "runtime", work / "runtime",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         shutil.copy(REPO / "benchmark" / "arm" / "device_eval.py", work / "device_eval.py")
-        crops, mats = {}, {}
+        crops, mats, by_pre = {}, {}, {}
         for b, m in metas.items():
             name = f"{b.parent.name}__{b.name}"
             shutil.copytree(b, work / "bundles" / name)
-            crops[name], mats[b] = crops_for(m, sample)
-        np.savez(work / "crops.npz", **crops)
+            key = json.dumps(m.preprocess.to_meta(), sort_keys=True)   # one batch per rule
+            if key not in by_pre:
+                by_pre[key] = (f"pre{len(by_pre)}", *crops_for(m, sample))
+            tag, crops[name], mats[b] = by_pre[key]
+            (work / "bundles" / name / "crops.key").write_text(tag)
+        np.savez(work / "crops.npz", **{t: x for t, x, _ in by_pre.values()})
         arm = {}
         for engine, venv in envs.items():
             names = [f"{b.parent.name}__{b.name}" for b, m in metas.items() if m.engine == engine]

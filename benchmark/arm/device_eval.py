@@ -3,8 +3,8 @@ preprocessed real-face crops, through the copied runtime/ only.
 
     python device_eval.py CROPS.npz OUT.json BUNDLE [BUNDLE ...]
 
-CROPS.npz holds one NCHW float32 batch per bundle, under the bundle's folder name (cut by the
-host with the bundle's own preprocessing). For each
+CROPS.npz holds one NCHW float32 batch per preprocessing rule (cut by the host with the
+bundles' own preprocessing); each bundle folder's crops.key names its batch. For each
 bundle the decoded points of every output (crop-normalised) go to OUT.json, with the machine,
 the engine's own execution precision where it reports one, and the error of a bundle that does
 not load or run (e.g. OpenVINO INT8 on ARM): the check records it instead of stopping.
@@ -31,7 +31,7 @@ def main(crops: str, out: str, bundles: list[str]) -> None:
         t = time.perf_counter()
         try:
             lm = Landmarker.open(b, threads=1)
-            x = data[name]
+            x = data[(Path(b) / "crops.key").read_text().strip()]
             outs = {}
             for i, o in enumerate(lm.meta.outputs):
                 head = Landmarker(lm.meta, lm.engine, i)
