@@ -223,6 +223,7 @@ class BundleMeta:
     conversion: dict = field(default_factory=dict)
     quantization: dict = field(default_factory=dict)
     export: dict = field(default_factory=dict)         # export settings (opset, batch)
+    architectures: list[str] | None = None   # machines the bundle is known to run on (None: any)
     schema_version: int = SCHEMA_VERSION
     folder: Path | None = field(default=None, compare=False, repr=False)
 
@@ -273,10 +274,15 @@ class BundleMeta:
         opset = d.get("opset")
         if opset is not None and not isinstance(opset, int):
             raise BundleError(f"{where}: key 'opset' must be an integer or null, got {opset!r}")
+        archs = d.get("architectures")
+        if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+            raise BundleError(f"{where}: key 'architectures' must be a list of machine names "
+                              f"(e.g. [\"x86_64\"]) or null, got {archs!r}")
         return cls(d.get("name", ""), engine, precision, finfo, pre, outputs,
                    InputSpec.from_dict(d.get("input", {}), where), opset, lineage,
                    dict(d.get("validation", {})), dict(d.get("conversion", {})),
-                   dict(d.get("quantization", {})), dict(d.get("export", {})), SCHEMA_VERSION)
+                   dict(d.get("quantization", {})), dict(d.get("export", {})), archs,
+                   SCHEMA_VERSION)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "BundleMeta":
@@ -335,6 +341,16 @@ class BundleMeta:
         atomic_write_json(folder / META, self.to_dict())
         self.folder = folder
         return self
+
+    def check_machine(self, machine: str | None = None) -> None:
+        """BundleError if the bundle is known not to run on this machine (`architectures`)."""
+        import platform
+        machine = machine or platform.machine()
+        if self.architectures is not None and machine not in self.architectures:
+            why = self.quantization.get("architectures_note", "")
+            raise BundleError(f"bundle {self.folder} runs on {', '.join(self.architectures)} "
+                              f"only, not on {machine}" + (f": {why}" if why else "")
+                              + "; use another bundle of the model on this machine")
 
     # -- what consumers ask --------------------------------------------------------------------
     @property

@@ -238,6 +238,7 @@ def load_bundle(bundle: str | Path, engine: str | None = None, threads: int = 1,
     """(BundleMeta, engine instance) for a bundle folder; `engine` overrides the bundle's own."""
     from .bundle import BundleMeta
     meta = BundleMeta.load(bundle, verify=verify)
+    meta.check_machine()
     eng = get_engine(engine or meta.engine)
     path = meta.model_file
     if eng.suffixes and path.suffix not in eng.suffixes:

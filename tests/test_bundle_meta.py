@@ -103,3 +103,22 @@ def test_decoder_is_chosen_from_the_description(tiny_bundle):
     assert np.allclose(dec(raw), y, atol=1e-5)
     with pytest.raises(ValueError, match="values per face"):
         dec(raw[:, :10])
+
+
+def test_architectures_a_bundle_declares_are_enforced(tmp_path):
+    (tmp_path / "model.onnx").write_bytes(b"x")
+    meta = BundleMeta("m", "openvino", "int8", BundleMeta.files_of("model.onnx"), Preprocess(),
+                      [OutputSpec()], architectures=["x86_64"],
+                      quantization={"architectures_note": "NNCF's per-channel INT8 IR does not "
+                                                          "load on the ARM CPU plugin"})
+    meta.write(tmp_path)
+    back = BundleMeta.load(tmp_path)
+    assert back.architectures == ["x86_64"]
+    back.check_machine("x86_64")
+    with pytest.raises(BundleError, match="runs on x86_64 only, not on aarch64: NNCF"):
+        back.check_machine("aarch64")
+    raw = json.loads((tmp_path / META).read_text())
+    raw["architectures"] = "x86_64"
+    (tmp_path / META).write_text(json.dumps(raw))
+    with pytest.raises(BundleError, match="key 'architectures' must be a list"):
+        BundleMeta.load(tmp_path, verify=False)

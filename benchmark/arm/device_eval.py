@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.bundle import BundleMeta
 from runtime.decode import Landmarker    # the copied runtime/ (PYTHONPATH=its parent folder)
+from runtime.engines import get_engine
 
 
 def main(crops: str, out: str, bundles: list[str]) -> None:
@@ -30,7 +32,10 @@ def main(crops: str, out: str, bundles: list[str]) -> None:
         name = Path(b).name
         t = time.perf_counter()
         try:
-            lm = Landmarker.open(b, threads=1)
+            # loaded without the runtime's machine check: this run is what verifies the
+            # `architectures` a bundle declares
+            meta = BundleMeta.load(b)
+            lm = Landmarker(meta, get_engine(meta.engine)(meta.model_file, threads=1))
             x = data[(Path(b) / "crops.key").read_text().strip()]
             outs = {}
             for i, o in enumerate(lm.meta.outputs):
