@@ -11,7 +11,7 @@ TEACHER ?= $(SHARED)/teachers/pfld_ghostone/PFLD_GhostOne_112_1_opt_sim.onnx
 LABELS  ?= runs/labels
 
 .PHONY: all venv export quantize benchmark gate test test-fast train clean ghostone compare \
-	labels train-student peers runtime-vs quantize-arm arm-check
+	labels train-student peers runtime-vs quantize-arm arm-check train-heatmap
 
 all: venv export quantize benchmark gate
 
@@ -124,6 +124,22 @@ train-student: labels
 		--labels $(LABELS)/300w_train --labels $(LABELS)/wider --init models/pfld68_w05.pt \
 		--epochs 150 --batch-size 32 --lr 1e-3 --aug-scale 1.1 1.45 --aug-rotate 20 \
 		--aug-occlude 0.15 --disagreement-tau 0.1 --ema 0.998 --threads 1 --out runs/student_w05
+
+# The heatmap family's ablation at our scale (README: heatmap section; not run yet): same backbone,
+# width and budget on the 300-W labels; rounded vs continuous targets, + Siamese; the decoders
+# (argmax + 0.25, local soft-argmax d = 3, 5, 7) are compared on the continuous model by
+# `train/run.py evaluate --checkpoint runs/hm_cont/best.pt --hm-decoder ... --hm-window ...`
+HM_EPOCHS ?= 60
+train-heatmap: venv
+	$(PY) train/run.py fit --family heatmap --hm-encoding rounded --hm-decoder argmax_quarter \
+		--width 0.5 --epochs $(HM_EPOCHS) --batch-size 32 --lr 2e-3 --aug-scale 1.1 1.45 \
+		--aug-rotate 20 --threads 1 --out runs/hm_round
+	$(PY) train/run.py fit --family heatmap --hm-encoding continuous --width 0.5 \
+		--epochs $(HM_EPOCHS) --batch-size 32 --lr 2e-3 --aug-scale 1.1 1.45 --aug-rotate 20 \
+		--threads 1 --out runs/hm_cont
+	$(PY) train/run.py fit --family heatmap --hm-encoding continuous --siamese --width 0.5 \
+		--epochs $(HM_EPOCHS) --batch-size 32 --lr 2e-3 --aug-scale 1.1 1.45 --aug-rotate 20 \
+		--threads 1 --out runs/hm_siamese
 
 clean:
 	rm -rf artifacts

@@ -18,8 +18,12 @@ SETS = ("wflw:test/landmarks", "wflw:test/rect")
 
 
 def evaluate_checkpoint(checkpoint, wflw=None, w300=None, w300_split="helen_test", out=None,
-                        sets=None) -> dict:
+                        sets=None, decoder: dict | None = None) -> dict:
+    """decoder: for a heatmap model, decoder settings to use instead of the checkpoint's
+    (e.g. {"decoder": "argmax_quarter"} or {"window": 3}): the decoding ablation."""
     ck = load_checkpoint(checkpoint)
+    if decoder and ck["arch"].get("family") == "heatmap":
+        ck = dict(ck, arch={**ck["arch"], **decoder})
     model = model_from_checkpoint(ck)
     pre = Preprocess.from_dict(ck["preprocess"])
     heads = head_names(ck["arch"])

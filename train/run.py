@@ -88,10 +88,13 @@ def fit(aug_scale, aug_rotate, aug_occlude, heads, head_weights, **kw):
 @click.option("--w300", default=None, help="300-W root [default: $LANDMARK_300W or ../shared/300w]")
 @click.option("--w300-split", default="helen_test", show_default=True)
 @click.option("--out", default=None, help="write the results JSON and CED plot to this folder")
-def evaluate(checkpoint, wflw, w300, w300_split, out):
+@click.option("--hm-decoder", default=None, type=click.Choice(["local_soft_argmax", "argmax_quarter", "global_soft_argmax"]), help="heatmap models: decode with this instead of the checkpoint's decoder")
+@click.option("--hm-window", default=None, type=int, help="heatmap models: local soft-argmax window")
+def evaluate(checkpoint, wflw, w300, w300_split, out, hm_decoder, hm_window):
     """NME / FR / AUC of a checkpoint on 300-W and WFLW (both crop protocols)."""
     from train.evaluate import evaluate_checkpoint
-    res = evaluate_checkpoint(checkpoint, wflw, w300, w300_split, out)
+    dec = {k: v for k, v in (("decoder", hm_decoder), ("window", hm_window)) if v is not None}
+    res = evaluate_checkpoint(checkpoint, wflw, w300, w300_split, out, decoder=dec)
     click.echo(json.dumps(res, indent=2))
 
 
