@@ -131,7 +131,7 @@ def fake_cpu(root: Path, cpu: str) -> Path:
                   "CPU revision\t: 1", ""]
     info = root / "etc" / "fake-cpuinfo"
     info.write_text("\n".join(lines))
-    cpus = root / "sys" / "devices" / "system" / "cpu"
+    cpus = root / "sys" / "devices" / "system" / "cpu"     # (kept: hwloc reads it on a Pi)
     for i in range(4):
         d = cpus / f"cpu{i}" / "regs" / "identification"
         d.mkdir(parents=True, exist_ok=True)
@@ -160,12 +160,16 @@ def host_ca(root: Path) -> str:
     return "/etc/ssl/certs/ca-certificates.crt"
 
 
-def in_root(root: Path, cpu: str, command: str, timeout: int = 3600) -> subprocess.CompletedProcess:
+def in_root(root: Path, cpu: str, command: str, timeout: int = 3600,
+            sysfs: bool = False) -> subprocess.CompletedProcess:
     """Run a shell command in the arm64 root, in a private mount namespace (nothing stays
-    mounted on the host), with /proc mounted and a Pi-like cpuinfo over it."""
+    mounted on the host), with /proc mounted and a Pi-like cpuinfo over it. sysfs: mount the
+    kernel's sysfs over the root's planted /sys (OpenVINO's hwloc cannot read the planted
+    topology under qemu and crashes; LiteRT and onnxruntime need the planted MIDR_EL1)."""
     info = fake_cpu(root, cpu)
     ca = host_ca(root)
     script = (f"mount -t proc proc {root}/proc && mount --bind {info} {root}/proc/cpuinfo && "
+              + (f"mount -t sysfs sysfs {root}/sys && " if sysfs else "") +
               f"exec chroot {root} /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root "
               f"QEMU_CPU={cpu} PYTHONPATH=/work PIP_CERT={ca} SSL_CERT_FILE={ca} "
               f"PIP_DISABLE_PIP_VERSION_CHECK=1 /bin/sh -c {_q(command)}")
@@ -318,9 +322,10 @@ def main(folders, cpu, cache, install_tools, budget, out, dry_run):
 
 
 def _result_key(meta, cpu: str) -> str:
-    """A bundle's ARM result is reused while the bundle, the runtime code, the face sample and
-    the CPU model are the same."""
-    h = hashlib.sha256(f"{meta.sha256}|{cpu}|{SETS}".encode())
+    """A bundle's ARM result is reused while the bundle, the runtime code, the face sample,
+    the CPU model and the way the root is set up for its engine are the same."""
+    h = hashlib.sha256(f"{meta.sha256}|{cpu}|{SETS}".encode()
+                       + (b"|sysfs" if meta.engine == "openvino" else b""))
     for p in sorted((REPO / "runtime").glob("*.py")) + [REPO / "benchmark" / "arm" / "device_eval.py"]:
         h.update(p.read_bytes())
     return h.hexdigest()[:24]
@@ -341,7 +346,8 @@ def run_bundles(root: Path, cpu: str, envs: dict, metas: dict, results: Path, lo
         log(f"aarch64 ({cpu}): {name} ...")
         try:
             in_root(root, cpu, f"cd /work && {envs[m.engine]}/bin/python device_eval.py crops.npz "
-                               f"out.json bundles/{name}", timeout=1800)
+                               f"out.json bundles/{name}", timeout=1800,
+                    sysfs=m.engine == "openvino")
             res = json.loads((root / "work" / "out.json").read_text())["bundles"][name]
         except ArmError as e:
             tail = str(e).splitlines()[1:]
