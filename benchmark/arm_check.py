@@ -428,7 +428,8 @@ def write(out: Path, report: dict, log) -> None:
              "| INT8 drift on ARM (worst WFLW, pp) |", "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         if r["status"] != "ok":
-            lines.append(f"| {r['model']} | {r['bundle']} | **does not run**: {r['reason'][:160]} "
+            why = " ".join(r["reason"].split()).replace("|", "/")
+            lines.append(f"| {r['model']} | {r['bundle']} | **does not run**: {why[-150:]} "
                          "| | | | |")
             continue
         a, x = r["accuracy"], r["nme_x86"]

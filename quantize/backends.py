@@ -54,7 +54,9 @@ def quiet():
 PRESETS = {
     "x86": "asymmetric 8-bit activations (u8 on onnxruntime, NNCF 'mixed'), symmetric s8 "
            "weights; VNNI u8 x s8 kernels",
-    "arm": "symmetric s8 activations and symmetric s8 weights (s8 x s8 dot-product kernels)",
+    "arm": "symmetric s8 activations and symmetric s8 weights (s8 x s8 dot-product kernels); "
+           "OpenVINO: depthwise (GroupConvolution) layers stay float, as the ARM CPU plugin "
+           "refuses their INT8 form",
 }
 
 
@@ -89,6 +91,10 @@ def _version(dist: str) -> str:
 class Backend:
     name = ""
     engine = ""                         # runtime.engines name that runs the result
+    # machines an INT8 model of a preset is known to run on (None: any); written to meta.json
+    # and enforced by the runtime. Set from what `make arm-check` found, never guessed.
+    architectures: dict[str, tuple[str, ...] | None] = {}
+    architectures_note: str = ""
     parents: tuple[str, ...] = ()        # FP32 stages to start from, in order of preference
     stage = ""                           # INT8 stage written
     modules: tuple[tuple[str, str], ...] = ()   # (import name, pip package)
@@ -246,6 +252,16 @@ class NNCFQuantizer(Backend):
     precision = "f32"
     parents = ("openvino_fp32",)
     modules = (("openvino", "openvino"), ("nncf", "nncf"))
+    # `make arm-check` (emulated Cortex-A76, openvino 2026.4.1): the x86 preset's IR of our
+    # PFLD fails to compile on aarch64 ("Check 'any_of(scale.size(), OC, 1U)' failed at
+    # dnnl_postops_composer.cpp:526"), per-channel or per-tensor alike, and PFLD-GhostOne's
+    # compiles but lands 2.7 NME points off its x86 result; with the depthwise
+    # GroupConvolutions left float (the arm preset) our PFLD's compiles and runs there
+    architectures = {"x86": ("x86_64",)}
+    architectures_note = ("on aarch64 the OpenVINO CPU plugin refuses this INT8 IR (INT8 "
+                          "depthwise convolutions) or runs it far off x86 (make arm-check); "
+                          "use the arm preset's openvino_int8 (quantize --preset arm) or "
+                          "onnx_int8 / tflite_int8 there")
     methods = {"minmax": "RangeEstimatorParametersSet.MINMAX (min of mins, max of maxes)",
                "percentile": "RangeEstimatorParametersSet.MEAN_QUANTILE (mean of per-face "
                              "1e-4 / 1-1e-4 quantiles)"}
@@ -284,7 +300,9 @@ class NNCFQuantizer(Backend):
             types = sorted({op.get_type_name() for op in model.get_ops()} - kinds)
             scope = nncf.IgnoredScope(names=names, types=types, validate=False)
         else:
-            scope = nncf.IgnoredScope(names=list(exclude)) if exclude else None
+            types = ["GroupConvolution"] if opts.preset == "arm" else []
+            scope = nncf.IgnoredScope(names=list(exclude), types=types, validate=False) \
+                if exclude or types else None
         estimator = {"minmax": RangeEstimatorParametersSet.MINMAX,
                      "percentile": RangeEstimatorParametersSet.MEAN_QUANTILE}[opts.method]
         preset = nncf.QuantizationPreset.MIXED if opts.preset == "x86" else \
@@ -308,7 +326,8 @@ class NNCFQuantizer(Backend):
             "tool": "nncf.quantize", "preset": str(preset), "target_device": "CPU",
             "range_estimator": opts.method, "per_channel_weights": opts.per_channel,
             "bias_correction": opts.bias_correction, "subset_size": len(calib),
-            "ignored_scope": list(exclude)}}
+            "ignored_scope": list(exclude),
+            "ignored_types": ["GroupConvolution"] if opts.preset == "arm" else []}}
 
 
 # -- TFLite through ai-edge-quantizer ----------------------------------------------------------

@@ -480,10 +480,12 @@ def _int8_meta(job: Job, chosen: Candidate, backend: Backend) -> BundleMeta:
                               "path": os.path.relpath(job.parent_dir, job.final),
                               "sha256": m.sha256},
                       tool_versions=_tool_versions(backend))
+    archs = job.cls.architectures.get(job.settings.preset)
     return BundleMeta(m.name or job.final.parent.name, job.cls.engine, "int8",
                       BundleMeta.files_of(*chosen.info["files"]), m.preprocess,
                       [replace(o) for o in m.outputs], inp,
-                      chosen.info.get("opset", m.opset), lineage, export=dict(m.export))
+                      chosen.info.get("opset", m.opset), lineage, export=dict(m.export),
+                      architectures=list(archs) if archs else None)
 
 
 def _validation(job: Job, nme: dict, data: Data) -> dict:
@@ -537,6 +539,8 @@ def _write_bundle(job: Job, chosen: Candidate, backend: Backend, fp32: dict, dat
             "layers_kept_float": _search_record(search)["layers_kept_float"],
             "calibration": data.record, "calibration_s": search["calibration_s"],
         }
+        if meta.architectures:
+            meta.quantization["architectures_note"] = job.cls.architectures_note
         meta.write(stage)
     return {"status": "ok", "int8_bundle": str(job.final), "nme": nme, "size": size,
             "latency": lat, "within_budget": True}
