@@ -54,9 +54,7 @@ def quiet():
 PRESETS = {
     "x86": "asymmetric 8-bit activations (u8 on onnxruntime, NNCF 'mixed'), symmetric s8 "
            "weights; VNNI u8 x s8 kernels",
-    "arm": "symmetric s8 activations and symmetric s8 weights (s8 x s8 dot-product kernels); "
-           "OpenVINO: depthwise (GroupConvolution) layers stay float, as the ARM CPU plugin "
-           "refuses their INT8 form",
+    "arm": "symmetric s8 activations and symmetric s8 weights (s8 x s8 dot-product kernels)",
 }
 
 
@@ -252,16 +250,15 @@ class NNCFQuantizer(Backend):
     precision = "f32"
     parents = ("openvino_fp32",)
     modules = (("openvino", "openvino"), ("nncf", "nncf"))
-    # `make arm-check` (emulated Cortex-A76, openvino 2026.4.1): the x86 preset's IR of our
-    # PFLD fails to compile on aarch64 ("Check 'any_of(scale.size(), OC, 1U)' failed at
-    # dnnl_postops_composer.cpp:526"), per-channel or per-tensor alike, and PFLD-GhostOne's
-    # compiles but lands 2.7 NME points off its x86 result; with the depthwise
-    # GroupConvolutions left float (the arm preset) our PFLD's compiles and runs there
-    architectures = {"x86": ("x86_64",)}
-    architectures_note = ("on aarch64 the OpenVINO CPU plugin refuses this INT8 IR (INT8 "
-                          "depthwise convolutions) or runs it far off x86 (make arm-check); "
-                          "use the arm preset's openvino_int8 (quantize --preset arm) or "
-                          "onnx_int8 / tflite_int8 there")
+    # `make arm-check` (emulated Cortex-A76, openvino 2026.4.1): our PFLD's INT8 IR fails to
+    # compile on aarch64 ("Check 'any_of(scale.size(), OC, 1U)' failed at
+    # dnnl_postops_composer.cpp:526"), per-channel or per-tensor alike; with its depthwise
+    # GroupConvolutions left float it compiles but lands 12.9 NME points off x86, and
+    # PFLD-GhostOne's compiles but lands 2.7 points off. So OpenVINO INT8 is x86-only here.
+    architectures = {"x86": ("x86_64",), "arm": ("x86_64",)}
+    architectures_note = ("on aarch64 the OpenVINO CPU plugin refuses this INT8 IR or runs it "
+                          "far off its x86 result (make arm-check); use onnx_int8 or "
+                          "tflite_int8 there")
     methods = {"minmax": "RangeEstimatorParametersSet.MINMAX (min of mins, max of maxes)",
                "percentile": "RangeEstimatorParametersSet.MEAN_QUANTILE (mean of per-face "
                              "1e-4 / 1-1e-4 quantiles)"}
@@ -300,9 +297,7 @@ class NNCFQuantizer(Backend):
             types = sorted({op.get_type_name() for op in model.get_ops()} - kinds)
             scope = nncf.IgnoredScope(names=names, types=types, validate=False)
         else:
-            types = ["GroupConvolution"] if opts.preset == "arm" else []
-            scope = nncf.IgnoredScope(names=list(exclude), types=types, validate=False) \
-                if exclude or types else None
+            scope = nncf.IgnoredScope(names=list(exclude)) if exclude else None
         estimator = {"minmax": RangeEstimatorParametersSet.MINMAX,
                      "percentile": RangeEstimatorParametersSet.MEAN_QUANTILE}[opts.method]
         preset = nncf.QuantizationPreset.MIXED if opts.preset == "x86" else \
@@ -326,8 +321,7 @@ class NNCFQuantizer(Backend):
             "tool": "nncf.quantize", "preset": str(preset), "target_device": "CPU",
             "range_estimator": opts.method, "per_channel_weights": opts.per_channel,
             "bias_correction": opts.bias_correction, "subset_size": len(calib),
-            "ignored_scope": list(exclude),
-            "ignored_types": ["GroupConvolution"] if opts.preset == "arm" else []}}
+            "ignored_scope": list(exclude)}}
 
 
 # -- TFLite through ai-edge-quantizer ----------------------------------------------------------
