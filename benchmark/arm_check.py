@@ -35,6 +35,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from common import defaults
+
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
@@ -256,7 +258,7 @@ def score(meta, out_index, y: np.ndarray, mats, sample) -> dict:
 # -- the check ----------------------------------------------------------------------------------------
 @click.command()
 @click.option("--bundles", "folders", multiple=True,
-              default=("artifacts/pfld68_w05",), show_default=True,
+              default=(defaults.BUNDLES,), show_default=True,
               help="model folders whose bundles run on ARM (repeatable)")
 @click.option("--cpu", type=click.Choice(list(CPUS)), default="cortex-a76", show_default=True,
               help="QEMU CPU model: cortex-a76 = Raspberry Pi 5, cortex-a72 = Pi 4")

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from common import defaults
 from benchmark import records as R
 from benchmark.measure import EVAL_SETS, load_sets
 from benchmark.targets import Target, checkpoint_target, discover_bundles, external_target
@@ -34,8 +35,8 @@ from benchmark.torch_engine import TorchEngine, bench_engines
 from runtime.bundle import PRECISIONS, atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_BUNDLES = "artifacts/pfld68_w05"
-DEFAULT_CHECKPOINT = "models/pfld68_w05.pt"
+DEFAULT_BUNDLES = defaults.BUNDLES
+DEFAULT_CHECKPOINT = defaults.MODEL
 EXEC_PRECISIONS = ("default", "f32")   # "default": the device's own choice (bf16 on this CPU)
 REFERENCE_STAGES = ("onnx_sim_fp32", "onnx_fp32", "tflite_fp32", "openvino_fp32")
 

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import click
 
+from common import defaults
 from benchmark.records import RecordError, label, load_run
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_GATES = HERE / "gates.json"
-DEFAULT_RUN = "artifacts/pfld68_w05/benchmark"
+DEFAULT_RUN = f"{defaults.BUNDLES}/benchmark"
 
 
 class GateError(ValueError):

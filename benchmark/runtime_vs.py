@@ -28,6 +28,7 @@ import click
 import cv2
 import numpy as np
 
+from common import defaults
 from common import host_info, host_string, now
 from evaluation.sets import set_info
 from runtime.bundle import atomic_write_json
@@ -125,7 +126,7 @@ def score(results_rounds: list[list[dict]], truth) -> dict:
 
 
 @click.command()
-@click.option("--model", default="artifacts/pfld68_w05/onnx_int8", show_default=True,
+@click.option("--model", default=f"{defaults.BUNDLES}/onnx_int8", show_default=True,
               type=click.Path(exists=True, file_okay=False), help="our bundle")
 @click.option("--ours-arg", "ours_args", multiple=True,
               help="extra flag for our worker, e.g. --refine=on")

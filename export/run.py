@@ -14,9 +14,11 @@ from pathlib import Path
 
 import click
 
+
+from common import defaults
 from export.stages import TARGETS, ExportError, ExportInputError, export_all, import_model
 
-CHECKPOINT = "models/pfld68_w05.pt"
+CHECKPOINT = defaults.MODEL
 OPSET = 18
 
 

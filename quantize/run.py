@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+
+from common import defaults
 from quantize.backends import BACKENDS, BIAS_CORRECTION, PRESETS, QuantizeError
 from quantize.core import DRIFT_FACES, MIN_CALIB_FACES, Settings, run
 
@@ -26,7 +28,7 @@ class CommandError(click.ClickException):
 
 
 @click.command(context_settings={"show_default": True})
-@click.option("--bundle-dir", default="artifacts/pfld68_w05",
+@click.option("--bundle-dir", default=defaults.BUNDLES,
               type=click.Path(file_okay=False, path_type=Path),
               help="model folder holding the FP32 bundles from `make export`")
 @click.option("--backend", "backends", default=("all",), multiple=True,

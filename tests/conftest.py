@@ -5,9 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from common import defaults
+
 REPO = Path(__file__).resolve().parents[1]
 
-SHIPPED = REPO / "models" / "pfld68_w05.pt"
+SHIPPED = REPO / defaults.MODEL
 
 
 @pytest.fixture(scope="session")
