@@ -45,6 +45,8 @@ def accuracy_entry(r: dict) -> dict:
            "through_98_to_68": r.get("through_98_to_68")}
     if r.get("subsets"):
         out["subsets"] = r["subsets"]
+    if r.get("confidence"):
+        out["confidence"] = r["confidence"]
     return out
 
 

@@ -150,6 +150,21 @@ def markdown(man: dict, records: list[dict]) -> str:
                     sub = a["subsets"]
                     cells = [f"{sub[k]['nme'] * 100:.2f} ({sub[k]['count']})" if k in sub else "-" for k in attrs]
                     lines.append(f"| {label(r)} | {a.get('protocol')} | " + " | ".join(cells) + " |")
+        conf = [(r, key, a["confidence"]) for r in distinct for key, a in r["accuracy"].items()
+                if a.get("confidence")]
+        if conf:
+            lines += ["", "## Per-point confidence (heatmap outputs)", "",
+                      "How well the runtime's per-point p (heatmap peak) flags points off by more than "
+                      "0.10 of the outer-eye distance: ROC AUC of 1 - p (0.5: no information, 1.0: every "
+                      "bad point below every good one), over all faces and the WFLW occlusion faces.", "",
+                      "| row | set | points | bad points | AUC | mean p good / bad | occlusion: bad points | occlusion AUC |",
+                      "|---|---|---|---|---|---|---|---|"]
+            for r, key, c in conf:
+                occ = c.get("occlusion") or {}
+                lines.append(f"| {label(r)} | {title_of(key)} | {c['points']} | {c['bad_points']} | "
+                             f"{_f(c.get('auc_flag_bad'), '{:.3f}')} | {_f(c.get('mean_p_good'), '{:.3f}')} / "
+                             f"{_f(c.get('mean_p_bad'), '{:.3f}')} | {occ.get('bad_points', '-')} | "
+                             f"{_f(occ.get('auc_flag_bad'), '{:.3f}')} |")
     bad = [r for r in records if r["status"] != "ok"]
     if bad:
         lines += ["", "## Skipped and failed rows", "", "| row | status | reason |", "|---|---|---|"]

@@ -61,17 +61,64 @@ def face_box(face: Face, protocol: str) -> np.ndarray:
 
 def predict_faces(predict: Callable[[np.ndarray], np.ndarray], faces: Sequence[Face],
                   pre: Preprocess, protocol: str = "landmarks", batch: int = 32,
-                  progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Run `predict` (NCHW float batch -> (N, 2K)) on each face; (N, K, 2) image points."""
+                  progress: Callable[[int], None] | None = None,
+                  confidences: list | None = None) -> np.ndarray:
+    """Run `predict` (NCHW float batch -> (N, 2K)) on each face; (N, K, 2) image points.
+    When `confidences` is a list and the predictor reports per-point confidences after a call
+    (`predict.confidence`, heatmap outputs), each chunk's (n, K) array is appended to it."""
     out = []
     for i in range(0, len(faces), batch):
         chunk = faces[i:i + batch]
         mats = [pre.crop_matrix(face_box(f, protocol)) for f in chunk]
         x = pre.normalize(np.stack([pre.crop(f.image(), m) for f, m in zip(chunk, mats)]))
         out.append(pre.decode(np.asarray(predict(x)), mats))
+        if confidences is not None:
+            c = getattr(predict, "confidence", None)
+            if c is not None:
+                confidences.append(np.asarray(c, np.float64))
         if progress:
             progress(len(chunk))
     return np.concatenate(out)
+
+
+def rank_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve of `scores` for telling `positive` items from the rest
+    (Mann-Whitney U with tied ranks averaged); None when one class is empty."""
+    scores, positive = np.asarray(scores, np.float64).ravel(), np.asarray(positive, bool).ravel()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_s = scores[order]
+    # average ranks over ties
+    bounds = np.flatnonzero(np.diff(sorted_s)) + 1
+    starts, ends = np.r_[0, bounds], np.r_[bounds, len(scores)]
+    for a, b in zip(starts, ends):
+        ranks[order[a:b]] = (a + b + 1) / 2.0
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def confidence_quality(conf: np.ndarray, points: np.ndarray, faces: Sequence[Face],
+                       eye_corners: tuple[int, int], threshold: float = 0.10) -> dict:
+    """How well a per-point confidence flags large point errors: ROC AUC of (1 - p) for the
+    points whose error exceeds `threshold` x the outer-eye distance (1.0: every bad point has a
+    lower p than every good one; 0.5: no information), over all faces and over the WFLW
+    occlusion faces. Needs predictions in the faces' own scheme."""
+    gt = np.stack([f.points for f in faces]).astype(np.float64)
+    d = np.linalg.norm(gt[:, eye_corners[0]] - gt[:, eye_corners[1]], axis=-1)
+    err = np.linalg.norm(np.asarray(points, np.float64) - gt, axis=-1) / d[:, None]
+    bad = err > threshold
+    out = {"threshold": threshold, "points": int(bad.size), "bad_points": int(bad.sum()),
+           "auc_flag_bad": rank_auc(-conf, bad), "mean_p_good": float(conf[~bad].mean())
+           if (~bad).any() else None, "mean_p_bad": float(conf[bad].mean()) if bad.any() else None}
+    attrs = np.stack([f.attributes for f in faces])
+    j = WFLW_ATTRIBUTES.index("occlusion")
+    occ = attrs[:, j] == 1 if attrs.ndim == 2 and attrs.shape[1] > j else np.zeros(len(faces), bool)
+    if occ.any():
+        out["occlusion"] = {"faces": int(occ.sum()), "bad_points": int(bad[occ].sum()),
+                            "auc_flag_bad": rank_auc(-conf[occ], bad[occ])}
+    return out
 
 
 def score(points: np.ndarray, faces: Sequence[Face], model_scheme: Scheme,
@@ -98,9 +145,13 @@ def score(points: np.ndarray, faces: Sequence[Face], model_scheme: Scheme,
 
 def evaluate(predict, faces, pre: Preprocess, model_scheme: Scheme, data_scheme: Scheme,
              protocol: str = "landmarks", batch: int = 32, progress=None, as68: bool = False) -> dict:
-    pts = predict_faces(predict, faces, pre, protocol, batch, progress)
+    confs: list = []
+    pts = predict_faces(predict, faces, pre, protocol, batch, progress, confs)
     nme = score(pts, faces, model_scheme, data_scheme, as68)
     res = summarize(nme, np.stack([f.attributes for f in faces]))
+    if confs and not as68 and model_scheme.num_points == data_scheme.num_points:
+        res["confidence"] = confidence_quality(np.concatenate(confs), pts, faces,
+                                               data_scheme.eye_corners)
     res["protocol"] = protocol
     res["_nme"] = nme
     res["_points"] = pts

@@ -104,3 +104,24 @@ def test_exported_heatmap_bundle_parity_and_confidence(tmp_path, helen_faces):
         lm = Landmarker.open(bundles[name])
         assert np.abs(lm(x) - a).max() < 1e-3
         assert lm.confidence.shape == (6, 68)
+    # the benchmark's scoring collects the confidences per chunk and rates them against the
+    # real point errors (evaluation.metrics.confidence_quality)
+    from evaluation.metrics import evaluate
+    from runtime.schemes import get_scheme
+    s68 = get_scheme("300w68")
+    r = evaluate(ref, helen_faces[:10], Preprocess(), s68, s68, "landmarks", batch=4)
+    c = r["confidence"]
+    assert c["points"] == 10 * 68 and 0 <= c["bad_points"] <= c["points"]
+    assert c["auc_flag_bad"] is None or 0.0 <= c["auc_flag_bad"] <= 1.0
+
+
+def test_rank_auc_equals_the_pairwise_definition():
+    from evaluation.metrics import rank_auc
+    rng = np.random.default_rng(0)
+    s = np.round(rng.normal(size=300), 1)            # rounded: plenty of ties
+    pos = rng.random(300) < 0.3
+    p, n = s[pos], s[~pos]
+    pairwise = ((p[:, None] > n[None]).sum() + 0.5 * (p[:, None] == n[None]).sum()) / (len(p) * len(n))
+    assert abs(rank_auc(s, pos) - pairwise) < 1e-12
+    assert rank_auc(s, np.zeros(300, bool)) is None
+    assert rank_auc(np.arange(4.0), np.array([0, 0, 1, 1], bool)) == 1.0
