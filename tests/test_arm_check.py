@@ -59,3 +59,10 @@ def test_compare_scores_arm_outputs_against_x86(tiny_bundle):
                      {name: {"status": "error", "reason": "RuntimeError: scale size"}}, sample,
                      "cortex-a76", 0.10, ["aarch64"])["rows"][0]
     assert failed["status"] == "error" and "scale size" in failed["reason"]
+    assert row["verdict"] == "pass" and failed["verdict"] == "fail"
+    # a bundle declared for x86_64 only that fails on ARM is what it said it would be
+    meta.architectures = ["x86_64"]
+    declared = compare({tiny_bundle: meta}, {tiny_bundle: mats}, {name: x},
+                       {name: {"status": "error", "reason": "RuntimeError: scale size"}}, sample,
+                       "cortex-a76", 0.10, ["aarch64"])["rows"][0]
+    assert declared["verdict"] == "x86_64 only, as declared"
