@@ -180,6 +180,20 @@ def _rel(face: Face) -> str:
         Path(face.image_path).name
 
 
+def holdout_split(faces: list[Face], fraction: float) -> tuple[list[Face], list[Face]]:
+    """(kept, held out): a deterministic split by crc32 of each face's annotation source, the
+    one training uses to hold faces out for model selection (stable across runs and machines)."""
+    import zlib
+    if fraction <= 0:
+        return faces, []
+    key = [zlib.crc32(f.source.encode()) % 10000 / 10000 for f in faces]
+    return ([f for f, k in zip(faces, key) if k >= fraction],
+            [f for f, k in zip(faces, key) if k < fraction])
+
+
+HELDOUT_FRACTION = 0.05     # train's default val_fraction: the 300-W faces no model trains on
+
+
 def calibration_split(faces: list[Face], every: int = 3) -> tuple[list[Face], list[Face]]:
     """Split faces into (calibration, evaluation), disjoint and deterministic.
 

@@ -184,3 +184,14 @@ def test_greedy_soup_averages_on_held_out_faces(tmp_path):
     train(_tiny(tmp_path / "wide", epochs=1, max_steps=1, width=0.5))
     with pytest.raises(ValueError, match="wide/last.pt: arch"):
         greedy_soup([paths[0], str(tmp_path / "wide" / "last.pt")], threads=1)
+
+
+def test_heldout_set_is_the_faces_training_holds_out():
+    """`300w:heldout` (what decoder and model choices are scored on) is exactly the held-out
+    part train() uses for selection, and shares no face with what it trains on."""
+    from evaluation.sets import load_set
+    from train.engine import TrainConfig, training_faces
+    held = load_set("300w:heldout")
+    tr, ho = training_faces("300w", "train", None, 0, TrainConfig().val_fraction)
+    assert [f.source for f in held] == [f.source for f in ho] and len(held) == 112
+    assert not {f.source for f in held} & {f.source for f in tr}

@@ -10,7 +10,6 @@ import json
 import math
 import sys
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,7 +36,7 @@ class TrainConfig:
     dataset: str = "300w"                # wflw | 300w
     data_root: str | None = None         # default: LANDMARK_<DATASET> or ../shared/<dataset>
     train_split: str = "train"
-    val_fraction: float = 0.05           # held out of the training faces, for model selection
+    val_fraction: float = D.HELDOUT_FRACTION   # held out of the training faces, for model selection
     eval_sets: tuple[str, ...] = ()      # extra "dataset:split" sets scored each epoch (logged)
     width: float = 1.0
     epochs: int = 80
@@ -82,11 +81,7 @@ def _dist():
 
 def split_holdout(faces: list[D.Face], fraction: float) -> tuple[list[D.Face], list[D.Face]]:
     """Deterministic split by a hash of each face's annotation source (stable across runs)."""
-    if fraction <= 0:
-        return faces, []
-    key = [zlib.crc32(f.source.encode()) % 10000 / 10000 for f in faces]
-    return ([f for f, k in zip(faces, key) if k >= fraction],
-            [f for f, k in zip(faces, key) if k < fraction])
+    return D.holdout_split(faces, fraction)
 
 
 def training_faces(dataset: str, split: str, data_root: str | None, limit: int,
