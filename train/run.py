@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 
 import click
@@ -96,6 +97,49 @@ def evaluate(checkpoint, wflw, w300, w300_split, out, hm_decoder, hm_window):
     dec = {k: v for k, v in (("decoder", hm_decoder), ("window", hm_window)) if v is not None}
     res = evaluate_checkpoint(checkpoint, wflw, w300, w300_split, out, decoder=dec)
     click.echo(json.dumps(res, indent=2))
+
+
+ABLATION_SETS = ("300w:heldout/landmarks", "300w:helen_test/landmarks", "wflw:test/landmarks",
+                 "wflw:test/rect")
+ABLATION_DECODERS = {"argmax + 0.25": {"decoder": "argmax_quarter"},
+                     "global soft-argmax": {"decoder": "global_soft_argmax"},
+                     "local soft-argmax d=3": {"decoder": "local_soft_argmax", "window": 3},
+                     "local soft-argmax d=5": {"decoder": "local_soft_argmax", "window": 5},
+                     "local soft-argmax d=7": {"decoder": "local_soft_argmax", "window": 7}}
+
+
+@cli.command("hm-ablation")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--checkpoint-name", default="best.pt", show_default=True,
+              help="checkpoint inside each run folder (best.pt: chosen on the held-out faces)")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="also write the table and figures as JSON here")
+def hm_ablation(runs, checkpoint_name, out):
+    """The heatmap ablation table: every RUN's checkpoint decoded by every decoder, NME % on the
+    300-W held-out training faces (where choices are made), HELEN and all 505 WFLW faces (68-
+    point models score WFLW through the 98 -> 68 map; test faces are reported, never chosen on)."""
+    from runtime.bundle import atomic_write_json
+    from train.engine import load_checkpoint
+    from train.evaluate import evaluate_checkpoint
+    rows = []
+    head = "| run | encoding | Siamese | epochs | decoder | " + " | ".join(ABLATION_SETS) + " |"
+    click.echo(head + "\n" + "|---" * (5 + len(ABLATION_SETS)) + "|")
+    for run in runs:
+        ck = Path(run) / checkpoint_name
+        if not ck.is_file():
+            raise click.ClickException(f"{ck} does not exist (is {run} a training run folder?)")
+        for name, dec in ABLATION_DECODERS.items():
+            res = evaluate_checkpoint(ck, sets=ABLATION_SETS, decoder=dec)
+            cfg = load_checkpoint(ck).get("config") or {}
+            row = {"run": str(run), "encoding": cfg.get("hm_encoding"), "siamese": cfg.get("siamese"),
+                   "epochs": res.get("epochs"), "decoder": name,
+                   "nme": {k: res[k]["nme"] for k in ABLATION_SETS if k in res}}
+            rows.append(row)
+            click.echo(f"| {Path(run).name} | {row['encoding']} | {row['siamese']} | {row['epochs']} | "
+                       f"{name} | " + " | ".join(f"{row['nme'][k] * 100:.2f}" if k in row['nme']
+                                                  else "-" for k in ABLATION_SETS) + " |")
+    if out:
+        atomic_write_json(out, {"sets": ABLATION_SETS, "rows": rows})
 
 
 @cli.command("pseudo-label")
