@@ -64,6 +64,31 @@ def test_siamese_warp_back_recovers_the_canonical_heatmaps():
     assert np.abs((xy[0] + 0.5) * 4 - pc[0]).mean() < 0.3         # crop px, after resampling
 
 
+def test_siamese_view_of_a_flipped_crop_comes_back_in_canonical_point_order():
+    """Augmentation re-indexes points on a flip (channel k of a flipped crop is point
+    mirror[k]); the Siamese warp-back must undo that too, or half the views teach the wrong
+    side of the face (the first Siamese run stalled at 33 % NME that way)."""
+    import cv2
+
+    from runtime.schemes import get_scheme
+    from train.heatmap import heatmap_targets, to_canonical_points
+    scheme = get_scheme("300w68")
+    pc = np.random.default_rng(1).uniform(30, 80, (1, 68, 2))
+    a = cv2.getRotationMatrix2D((56, 56), -12, 0.95)
+    a = np.array([[-1, 0, 111], [0, 1, 0]]) @ np.vstack([a, [0, 0, 1]])     # flipped view
+    pa = scheme.flip_index(pc @ a[:, :2].T + a[:, 2])                        # as augment does
+    h = heatmap_targets(torch.tensor(pa), 28, 1.5).float()
+    inv = torch.tensor(cv2.invertAffineTransform(a)[None]).float()
+    err = lambda hm: np.abs((decode_heatmaps(hm.numpy())[0][0] + 0.5) * 4 - pc[0]).mean()  # noqa: E731
+    assert err(to_canonical_points(h, inv, scheme.mirror)) < 0.3
+    assert err(to_canonical_points(h, inv, None)) > 5.0       # left and right swapped
+    # an unflipped view keeps its order
+    b = cv2.getRotationMatrix2D((56, 56), 8, 1.05)
+    hb = heatmap_targets(torch.tensor(pc @ b[:, :2].T + b[:, 2]), 28, 1.5).float()
+    assert err(to_canonical_points(hb, torch.tensor(cv2.invertAffineTransform(b)[None]).float(),
+                                   scheme.mirror)) < 0.3
+
+
 @pytest.mark.parametrize("siamese", [False, True])
 def test_heatmap_training_steps_run_and_reduce_the_loss(tmp_path, siamese):
     from train.engine import TrainConfig, train

@@ -387,7 +387,8 @@ def _siamese_step(cfg: TrainConfig, model, data: "RunData", idx, pre: Preprocess
     w = torch.from_numpy(np.stack(ws))
     p0 = model(x0.to(memory_format=torch.channels_last))
     p1 = model(x1.to(memory_format=torch.channels_last))
-    return siamese_loss(p0, p1, m0, m1, cl, w, model.sigma, cfg.hm_encoding == "continuous")
+    return siamese_loss(p0, p1, m0, m1, cl, w, model.sigma, cfg.hm_encoding == "continuous",
+                        scheme.mirror)
 
 
 def _batch_loss(cfg: TrainConfig, model, heads: list[str], x, targets, pose, attrs):

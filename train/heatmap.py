@@ -125,11 +125,27 @@ def warp_to_canonical(h: torch.Tensor, to_canonical: torch.Tensor) -> torch.Tens
     return F.grid_sample(h, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
+def to_canonical_points(h: torch.Tensor, to_canonical: torch.Tensor,
+                        mirror: tuple[int, ...] | None) -> torch.Tensor:
+    """Heatmaps of an augmented crop in the canonical crop's grid AND point order: a flipped
+    crop's channel k holds point mirror[k] (augmentation re-indexes points on a flip), so after
+    the spatial warp-back its channels are re-indexed with the scheme's mirror table."""
+    back = warp_to_canonical(h, to_canonical)
+    if mirror is None:
+        return back
+    flipped = torch.linalg.det(to_canonical[:, :, :2]) < 0                # (N,)
+    if not bool(flipped.any()):
+        return back
+    inv = torch.argsort(torch.as_tensor(mirror))          # channel holding each point
+    return torch.where(flipped[:, None, None, None], back[:, inv], back)
+
+
 def siamese_loss(pred0: torch.Tensor, pred1: torch.Tensor, m0: torch.Tensor, m1: torch.Tensor,
                  canonical_points: torch.Tensor, weights: torch.Tensor, sigma: float,
-                 continuous: bool) -> torch.Tensor:
-    """The two predictions warped back to the canonical crop, averaged, against its target."""
-    mean = (warp_to_canonical(pred0, m0) + warp_to_canonical(pred1, m1)) / 2
+                 continuous: bool, mirror: tuple[int, ...] | None = None) -> torch.Tensor:
+    """The two predictions warped back to the canonical crop (and, for a flipped view, put back
+    in the canonical point order with `mirror`), averaged, against its target."""
+    mean = (to_canonical_points(pred0, m0, mirror) + to_canonical_points(pred1, m1, mirror)) / 2
     return heatmap_loss(mean, canonical_points, weights, sigma, continuous)
 
 
