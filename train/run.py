@@ -128,9 +128,12 @@ def hm_ablation(runs, checkpoint_name, out):
         ck = Path(run) / checkpoint_name
         if not ck.is_file():
             raise click.ClickException(f"{ck} does not exist (is {run} a training run folder?)")
-        for name, dec in ABLATION_DECODERS.items():
+        loaded = load_checkpoint(ck)
+        cfg = loaded.get("config") or {}
+        decoders = ABLATION_DECODERS if loaded["arch"].get("family") == "heatmap" else \
+            {"direct regression (PFLD)": {}}       # a regression run: the same-budget baseline
+        for name, dec in decoders.items():
             res = evaluate_checkpoint(ck, sets=ABLATION_SETS, decoder=dec)
-            cfg = load_checkpoint(ck).get("config") or {}
             row = {"run": str(run), "encoding": cfg.get("hm_encoding"), "siamese": cfg.get("siamese"),
                    "epochs": res.get("epochs"), "decoder": name,
                    "nme": {k: res[k]["nme"] for k in ABLATION_SETS if k in res}}
