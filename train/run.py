@@ -134,7 +134,9 @@ def hm_ablation(runs, checkpoint_name, out):
             {"direct regression (PFLD)": {}}       # a regression run: the same-budget baseline
         for name, dec in decoders.items():
             res = evaluate_checkpoint(ck, sets=ABLATION_SETS, decoder=dec)
-            row = {"run": str(run), "encoding": cfg.get("hm_encoding"), "siamese": cfg.get("siamese"),
+            hm = loaded["arch"].get("family") == "heatmap"
+            row = {"run": str(run), "encoding": cfg.get("hm_encoding") if hm else "-",
+                   "siamese": cfg.get("siamese") if hm else "-",
                    "epochs": res.get("epochs"), "decoder": name,
                    "nme": {k: res[k]["nme"] for k in ABLATION_SETS if k in res}}
             rows.append(row)
