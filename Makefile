@@ -80,10 +80,12 @@ ghostone: venv
 	$(PY) export/run.py --import $(TEACHER) --spec specs/pfld_ghostone.json --out $(GHOST)
 	$(PY) quantize/run.py --bundle-dir $(GHOST) --backend openvino
 
-# Our model and the imported one in one table, one plot, one run (1 thread)
-compare: quantize ghostone
+# The shipped model, the imported teacher and the heatmap model in one table, one run, 1 thread,
+# on every WFLW test face (505, both crop protocols) and HELEN
+compare: quantize ghostone heatmap-bundles
 	$(PY) benchmark/run.py --backend all --threads 1 --bundles $(ART) --bundles $(GHOST) \
-		--checkpoint $(MODEL) --out artifacts/compare
+		--bundles $(HM_ART) --checkpoint $(MODEL) --eval-set wflw:test/rect \
+		--eval-set wflw:test/landmarks --eval-set 300w:helen_test/landmarks --out artifacts/compare
 
 # INT8 with the ARM preset (symmetric s8 activations) beside the x86 one, from the same FP32 bundles
 quantize-arm: export
