@@ -1,8 +1,8 @@
 # Facial-landmark pipeline: train -> export -> INT8 -> benchmark -> gate.
 # `make all` sets up a fresh machine and runs the main job on the shipped model and ../shared data.
 PY      ?= .venv/bin/python
-MODEL   ?= models/pfld68_w05.pt
-ART     ?= artifacts/pfld68_w05
+MODEL   ?= models/student_w05.pt
+ART     ?= artifacts/student_w05
 THREADS ?= 1,2
 
 SHARED  ?= ../shared
@@ -149,9 +149,9 @@ train-heatmap: venv
 		--lr 2e-3 --aug-scale 1.1 1.45 --aug-rotate 20 --threads 1 --out runs/reg_60
 	$(PY) train/run.py hm-ablation runs/hm_round runs/hm_cont runs/hm_siamese runs/reg_60 \
 		--out artifacts/heatmap/ablation.json
-	$(PY) train/ship.py runs/hm_cont/best.pt $(HM) --arch-set window=7
+	$(PY) train/ship.py runs/hm_siamese/best.pt $(HM) --arch-set window=7
 
-# The committed heatmap model (the continuous-encoding run of train-heatmap, decoder window 7 as
+# The committed heatmap model (the Siamese run of train-heatmap, decoder window 7 as
 # chosen on the held-out faces) as bundles; onnxruntime's INT8 misses the budget on it (README)
 HM      ?= models/heatmap_w05.pt
 HM_ART  ?= artifacts/heatmap_w05

@@ -141,10 +141,11 @@ def test_ddp_two_cpu_processes_with_gloo(tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_model_accuracy(shipped_checkpoint, helen_faces):
-    """Guards the README's HELEN figure (4.49% NME, crops from the landmark extent) against the
-    issue's acceptance bound of 4.5%, and the shipped file's soup record (train/soup.py)."""
-    ck = load_checkpoint(shipped_checkpoint)
+def test_68_point_model_accuracy(helen_faces):
+    """Guards the README's HELEN figure of the 68-point model (4.49% NME, crops from the
+    landmark extent; the student's starting point) against its issue's bound of 4.5%, and the
+    file's soup record (train/soup.py)."""
+    ck = load_checkpoint(os.path.join(REPO, "models", "pfld68_w05.pt"))
     r = evaluate(torch_predictor(model_from_checkpoint(ck)), helen_faces,
                  Preprocess.from_dict(ck["preprocess"]), get_scheme(68), get_scheme(68), "landmarks")
     assert r["count"] == 330
@@ -195,3 +196,21 @@ def test_heldout_set_is_the_faces_training_holds_out():
     tr, ho = training_faces("300w", "train", None, 0, TrainConfig().val_fraction)
     assert [f.source for f in held] == [f.source for f in ho] and len(held) == 112
     assert not {f.source for f in held} & {f.source for f in tr}
+
+
+@pytest.mark.slow
+def test_shipped_student_accuracy(shipped_checkpoint):
+    """Guards the README's figures of the shipped two-head student (`train/run.py evaluate`):
+    HELEN with the 68-point head, all 505 WFLW faces with the 98-point head and all 98 points,
+    from landmark and rectangle crops."""
+    from train.evaluate import evaluate_checkpoint
+    res = evaluate_checkpoint(shipped_checkpoint, sets=("300w:helen_test/landmarks",
+                                                        "wflw:test/landmarks", "wflw:test/rect"))
+    assert res["heads"] == ["300w68", "wflw98"]
+    helen, lmk, rect = (res[k] for k in ("300w:helen_test/landmarks", "wflw:test/landmarks",
+                                         "wflw:test/rect"))
+    assert (helen["count"], helen["head"]) == (330, "300w68")
+    assert (lmk["count"], lmk["head"], rect["head"]) == (505, "wflw98", "wflw98")
+    assert helen["nme"] == pytest.approx(0.04625, abs=5e-5)
+    assert lmk["nme"] == pytest.approx(0.07166, abs=5e-5)
+    assert rect["nme"] == pytest.approx(0.09602, abs=5e-5)
