@@ -100,12 +100,14 @@ def rank_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
 
 
 def confidence_quality(conf: np.ndarray, points: np.ndarray, faces: Sequence[Face],
-                       eye_corners: tuple[int, int], threshold: float = 0.10) -> dict:
+                       eye_corners: tuple[int, int], threshold: float = 0.10,
+                       gt: np.ndarray | None = None) -> dict:
     """How well a per-point confidence flags large point errors: ROC AUC of (1 - p) for the
     points whose error exceeds `threshold` x the outer-eye distance (1.0: every bad point has a
     lower p than every good one; 0.5: no information), over all faces and over the WFLW
-    occlusion faces. Needs predictions in the faces' own scheme."""
-    gt = np.stack([f.points for f in faces]).astype(np.float64)
+    occlusion faces. Needs predictions in the faces' own scheme, or `gt` in the predictions'
+    scheme (e.g. 98-point faces mapped to 68 points for a 68-point model)."""
+    gt = np.stack([f.points for f in faces]).astype(np.float64) if gt is None else gt
     d = np.linalg.norm(gt[:, eye_corners[0]] - gt[:, eye_corners[1]], axis=-1)
     err = np.linalg.norm(np.asarray(points, np.float64) - gt, axis=-1) / d[:, None]
     bad = err > threshold
@@ -149,9 +151,14 @@ def evaluate(predict, faces, pre: Preprocess, model_scheme: Scheme, data_scheme:
     pts = predict_faces(predict, faces, pre, protocol, batch, progress, confs)
     nme = score(pts, faces, model_scheme, data_scheme, as68)
     res = summarize(nme, np.stack([f.attributes for f in faces]))
-    if confs and not as68 and model_scheme.num_points == data_scheme.num_points:
-        res["confidence"] = confidence_quality(np.concatenate(confs), pts, faces,
-                                               data_scheme.eye_corners)
+    if confs and not as68:
+        if model_scheme.num_points == data_scheme.num_points:
+            res["confidence"] = confidence_quality(np.concatenate(confs), pts, faces,
+                                                   data_scheme.eye_corners)
+        elif model_scheme.num_points == 68 and data_scheme.to_68 is not None:
+            gt68 = data_scheme.as_68(np.stack([f.points for f in faces]).astype(np.float64))
+            res["confidence"] = confidence_quality(np.concatenate(confs), pts, faces,
+                                                   model_scheme.eye_corners, gt=gt68)
     res["protocol"] = protocol
     res["_nme"] = nme
     res["_points"] = pts

@@ -104,7 +104,7 @@ def test_heatmap_training_steps_run_and_reduce_the_loss(tmp_path, siamese):
 
 
 @pytest.mark.slow
-def test_exported_heatmap_bundle_parity_and_confidence(tmp_path, helen_faces):
+def test_exported_heatmap_bundle_parity_and_confidence(tmp_path, helen_faces, wflw_faces):
     from evaluation.metrics import face_batch
     from export.stages import export_all
     from runtime.bundle import BundleMeta
@@ -138,6 +138,11 @@ def test_exported_heatmap_bundle_parity_and_confidence(tmp_path, helen_faces):
     c = r["confidence"]
     assert c["points"] == 10 * 68 and 0 <= c["bad_points"] <= c["points"]
     assert c["auc_flag_bad"] is None or 0.0 <= c["auc_flag_bad"] <= 1.0
+    # a 68-point model on 98-point WFLW faces: rated against the faces' points mapped to 68,
+    # with the occlusion subset
+    occluded = [f for f in wflw_faces if f.attributes[4] == 1][:6]
+    w = evaluate(ref, occluded, Preprocess(), s68, get_scheme("wflw98"), "rect", batch=4)
+    assert w["confidence"]["points"] == 6 * 68 and w["confidence"]["occlusion"]["faces"] == 6
 
 
 def test_rank_auc_equals_the_pairwise_definition():
