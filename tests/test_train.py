@@ -194,7 +194,9 @@ def test_heldout_set_is_the_faces_training_holds_out():
     from train.engine import TrainConfig, training_faces
     held = load_set("300w:heldout")
     tr, ho = training_faces("300w", "train", None, 0, TrainConfig().val_fraction)
-    assert [f.source for f in held] == [f.source for f in ho] and len(held) == 112
+    # about 5 %: the split hashes each annotation file's path as read (112 faces with ../shared
+    # at /work/shared), so where the data lives changes which faces are held out (README, Train)
+    assert [f.source for f in held] == [f.source for f in ho] and 60 <= len(held) <= 160
     assert not {f.source for f in held} & {f.source for f in tr}
 
 
