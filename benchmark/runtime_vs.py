@@ -28,8 +28,7 @@ import click
 import cv2
 import numpy as np
 
-from common import defaults
-from common import host_info, host_string, now
+from common import defaults, host_info, host_string, now
 from evaluation.sets import set_info
 from runtime.bundle import atomic_write_json
 from runtime.preprocess import landmark_box

@@ -88,14 +88,8 @@ def rank_auc(scores: np.ndarray, positive: np.ndarray) -> float | None:
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if not n_pos or not n_neg:
         return None
-    order = np.argsort(scores, kind="mergesort")
-    ranks = np.empty(len(scores))
-    sorted_s = scores[order]
-    # average ranks over ties
-    bounds = np.flatnonzero(np.diff(sorted_s)) + 1
-    starts, ends = np.r_[0, bounds], np.r_[bounds, len(scores)]
-    for a, b in zip(starts, ends):
-        ranks[order[a:b]] = (a + b + 1) / 2.0
+    _, inv, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inv]     # 1-based, ties averaged
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import click
 
-
 from common import defaults
 from export.stages import TARGETS, ExportError, ExportInputError, export_all, import_model
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import click
 
-
 from common import defaults
 from quantize.backends import BACKENDS, BIAS_CORRECTION, PRESETS, QuantizeError
 from quantize.core import DRIFT_FACES, MIN_CALIB_FACES, Settings, run
