@@ -32,6 +32,7 @@ class Face:
     rect: np.ndarray | None = None          # official face rectangle (x0, y0, x1, y1)
     attributes: np.ndarray = field(default_factory=lambda: np.zeros(6, np.int64))
     source: str = ""                        # "file:line" of the annotation
+    key: str = ""                           # location-independent id (hold-out split); see SPLIT_PREFIX
     _image: np.ndarray | None = field(default=None, repr=False)
 
     def image(self) -> np.ndarray:
@@ -157,9 +158,10 @@ def load_300w(root: str | Path | None = None, split: str = "train") -> list[Face
                             f"({', '.join(W300_SPLITS)}) nor a folder")
     faces = []
     for d in dirs:
+        base = root if split in W300_SPLITS else d
         for pts in sorted(d.rglob("*.pts")):
             faces.append(Face(_image_for(pts), read_pts(pts), None, np.zeros(6, np.int64),
-                              str(pts)))
+                              str(pts), split_key("300w", pts.relative_to(base))))
     if not faces:
         raise DataError(f"no .pts files under {', '.join(map(str, dirs))}")
     return faces
@@ -180,13 +182,26 @@ def _rel(face: Face) -> str:
         Path(face.image_path).name
 
 
+# The hold-out split hashes each face's path relative to its dataset root behind a fixed prefix:
+# the root the split was first drawn on, where it hashed the path as read. Keeping that string
+# as a constant keeps the held-out faces (and every choice made on them: the shipped models'
+# epochs, the ablations) identical in every checkout and on every machine.
+SPLIT_PREFIX = {"300w": "/work/shared/300w/", "pool": "../shared/wider_unlabeled/images/"}
+
+
+def split_key(kind: str, relative: str | Path) -> str:
+    """The hold-out key of a face whose file is `relative` to the root of a `kind` dataset."""
+    return SPLIT_PREFIX[kind] + Path(relative).as_posix()
+
+
 def holdout_split(faces: list[Face], fraction: float) -> tuple[list[Face], list[Face]]:
-    """(kept, held out): a deterministic split by crc32 of each face's annotation source, the
-    one training uses to hold faces out for model selection (stable across runs and machines)."""
+    """(kept, held out): a deterministic split by crc32 of each face's key (`split_key`; the
+    annotation source for faces without one), the one training uses to hold faces out for model
+    selection. It does not depend on where the data or the checkout lie."""
     import zlib
     if fraction <= 0:
         return faces, []
-    key = [zlib.crc32(f.source.encode()) % 10000 / 10000 for f in faces]
+    key = [zlib.crc32((f.key or f.source).encode()) % 10000 / 10000 for f in faces]
     return ([f for f, k in zip(faces, key) if k >= fraction],
             [f for f, k in zip(faces, key) if k < fraction])
 

@@ -51,9 +51,9 @@ SETS: dict[str, SetInfo] = {s.key: s for s in [
             lambda root: D.load_300w(root, "common_test"), "300-W common test (the parts present)"),
     SetInfo("300w:heldout", "300-W held-out training faces", "300W held", "300w68", ("landmarks",),
             lambda root: D.holdout_split(D.load_300w(root, "train"), D.HELDOUT_FRACTION)[1],
-            "the 300-W training faces training holds out for model selection (about 5 %, by a "
-            "hash of each annotation file's path as read: 112 of 2,012 with the data at "
-            "/work/shared; another location holds out other faces); never a test set"),
+            "the 300-W training faces training holds out for model selection (112 of 2,012, "
+            "by a hash of each annotation file's path relative to the 300-W root); never a "
+            "test set"),
     SetInfo("300w:train", "300-W train", "300W trn", "300w68", ("landmarks",),
             lambda root: D.load_300w(root, "train"), "300-W training faces (never a test set)"),
 ]}

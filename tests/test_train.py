@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,10 +195,27 @@ def test_heldout_set_is_the_faces_training_holds_out():
     from train.engine import TrainConfig, training_faces
     held = load_set("300w:heldout")
     tr, ho = training_faces("300w", "train", None, 0, TrainConfig().val_fraction)
-    # about 5 %: the split hashes each annotation file's path as read (112 faces with ../shared
-    # at /work/shared), so where the data lives changes which faces are held out (README, Train)
-    assert [f.source for f in held] == [f.source for f in ho] and 60 <= len(held) <= 160
+    assert [f.source for f in held] == [f.source for f in ho] and len(held) == 112
     assert not {f.source for f in held} & {f.source for f in tr}
+
+
+def test_heldout_split_does_not_depend_on_where_the_data_lies(tmp_path):
+    """The split keys each face by its path relative to the dataset root, so the same data
+    under another path (here a symlinked root) holds out the same faces; the pool's key is
+    relative to the folder its faces share."""
+    from train.engine import _pool_faces
+    (tmp_path / "elsewhere").symlink_to(D.default_root("300w").resolve())
+    here = D.holdout_split(D.load_300w(split="train"), D.HELDOUT_FRACTION)[1]
+    there = D.holdout_split(D.load_300w(tmp_path / "elsewhere", "train"), D.HELDOUT_FRACTION)[1]
+    rel = [str(Path(f.source).relative_to(D.default_root("300w"))) for f in here]
+    assert rel == [str(Path(f.source).relative_to(tmp_path / "elsewhere")) for f in there]
+    assert {f.key for f in here} == {f.key for f in there}
+    pts = np.zeros((40, 98, 2), np.float32)
+    names = [f"images/e{i % 3}/face{i}.jpg" for i in range(40)]
+    split = [[f.key for f in D.holdout_split(_pool_faces(
+        {"paths": [f"{root}/{n}" for n in names], "points": pts}, "wflw98"), 0.3)[1]]
+        for root in ("../shared/pool", str(tmp_path / "pool"))]
+    assert split[0] == split[1] and 0 < len(split[0]) < 40
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -224,8 +225,13 @@ class RunData:
 
 
 def _pool_faces(labels: dict, scheme: str) -> list[D.Face]:
-    return [D.Face(Path(p), pts, None, np.zeros(6, np.int64), p)
-            for p, pts in zip(labels["paths"], labels["points"])]
+    """Pool faces with their teacher points; the hold-out key is each path relative to the
+    folder all of them share, so the split does not depend on where the pool lies."""
+    paths = [Path(p) for p in labels["paths"]]
+    common = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent if paths else None
+    return [D.Face(p, pts, None, np.zeros(6, np.int64), str(p),
+                   D.split_key("pool", p.relative_to(common)))
+            for p, pts in zip(paths, labels["points"])]
 
 
 def prepare_data(cfg: TrainConfig) -> RunData:
