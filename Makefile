@@ -129,6 +129,8 @@ train-student: labels
 		--epochs 100 --batch-size 32 --lr 1e-3 --aug-scale 1.1 1.45 --aug-rotate 20 \
 		--aug-occlude 0.15 --disagreement-tau 0.1 --ema 0.998 --threads 1 --out runs/student_w05
 	$(PY) train/ship.py runs/student_w05/best.pt models/student_w05.pt
+	$(PY) train/run.py refit-head --checkpoint models/student_w05.pt --head 300w68 \
+		--out models/student_w05.pt --report docs/student_w05_refit.json
 
 # The heatmap family's ablation at our scale (README: heatmap section): same backbone, width,
 # data (the 300-W labels) and budget; rounded vs continuous targets, + Siamese, and a

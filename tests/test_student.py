@@ -203,3 +203,53 @@ def test_two_head_training_run_and_export_of_both_heads(tmp_path):
     a = Landmarker.open(bundles["onnx_sim_fp32"], output=98)(x)
     b = Landmarker.open(bundles["tflite_fp32"], output="wflw98")(x)
     assert a.shape == (2, 196) and np.abs(a - b).max() < 1e-4
+
+
+def test_folded_head_equals_the_map_of_the_heads_outputs(shipped_checkpoint, helen_faces):
+    """fold() writes a linear map of several heads' outputs into one head's weights: the folded
+    network's head gives exactly the map of the unfolded heads' points (real faces, real crops)."""
+    from evaluation.metrics import predict_faces
+    from runtime.preprocess import Preprocess
+    from train.engine import load_checkpoint, model_from_checkpoint, torch_predictor
+    from train.pointmap import PointMap
+    from train.refit import fold, point_matrix
+    ck = load_checkpoint(shipped_checkpoint)
+    rng = np.random.default_rng(0)
+    pmap = PointMap(rng.normal(0, 0.02, (68, 166)) + np.eye(68, 166))
+    p = rng.normal(size=(3, 166, 2))
+    np.testing.assert_allclose(point_matrix(pmap) @ p, pmap(p), atol=1e-5)
+    pre, faces = Preprocess.from_dict(ck["preprocess"]), helen_faces[:6]
+    model = model_from_checkpoint(ck)
+    before = {h: predict_faces(torch_predictor(model, h), faces, pre) for h in ("300w68", "wflw98")}
+    folded = model_from_checkpoint({**ck, "model": fold(ck["model"], "300w68",
+                                                        ["300w68", "wflw98"], pmap)})
+    after = {h: predict_faces(torch_predictor(folded, h), faces, pre) for h in ("300w68", "wflw98")}
+    np.testing.assert_allclose(after["wflw98"], before["wflw98"], atol=1e-4)
+    want = pmap(np.concatenate([before["300w68"], before["wflw98"]], 1))
+    np.testing.assert_allclose(after["300w68"], want, atol=2e-3)     # pixels of the image
+    assert np.abs(after["300w68"] - before["300w68"]).max() > 1.0
+
+
+@pytest.mark.slow
+def test_refit_head_is_chosen_on_held_out_faces_and_folded(shipped_checkpoint, tmp_path):
+    """refit-head fits candidates on the training faces, chooses the lowest held-out NME
+    (native included), and the written checkpoint scores exactly that on `300w:heldout`."""
+    from click.testing import CliRunner
+    from train.evaluate import evaluate_checkpoint
+    from train.refit import RIDGES
+    from train.run import cli
+    out = tmp_path / "refit.pt"
+    r = CliRunner().invoke(cli, ["refit-head", "--checkpoint", str(shipped_checkpoint), "--head",
+                                 "300w68", "--out", str(out), "--report",
+                                 str(tmp_path / "r.json"), "--no-pool"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "r.json").read_text())
+    cands = rep["candidates"]
+    assert rep["heldout_faces"] == {"heldout": 112} and rep["fitted_on"] == 1900
+    assert cands[0]["ridge"] is None and len(cands) == 1 + 3 * len(RIDGES)
+    assert rep["chosen"] == min(cands, key=lambda c: c["nme"])
+    got = evaluate_checkpoint(out, sets=("300w:heldout/landmarks",))["300w:heldout/landmarks"]
+    assert got["nme"] == pytest.approx(rep["chosen"]["nme"], abs=1e-6)
+    bad = CliRunner().invoke(cli, ["refit-head", "--checkpoint", str(shipped_checkpoint),
+                                   "--head", "wflw98", "--out", str(tmp_path / "x.pt")])
+    assert bad.exit_code == 1 and "not the scheme of its labelled training faces" in bad.output

@@ -222,6 +222,7 @@ class RunData:
     val: dict[str, tuple[list[D.Face], str]]   # held-out set -> (faces, head that scores it)
     extra: dict[str, tuple[list[D.Face], str]]  # --eval-set sets, logged only
     notes: dict = field(default_factory=dict)
+    pool_map: object = None                # PointMap: the pool faces' targets of the own head
 
 
 def _pool_faces(labels: dict, scheme: str) -> list[D.Face]:
@@ -302,6 +303,7 @@ def prepare_data(cfg: TrainConfig) -> RunData:
                             f"{int((~keep).sum())} dropped (disagreement > {cfg.max_disagreement})")
     if pools and pmap is not None:
         data.notes["pool_68"] = cfg.pool_68
+        data.pool_map = pmap
     for it in items:
         it.targets = {h: it.targets[h] for h in heads if h in it.targets}
         it.weights = {h: it.weights[h] for h in heads if h in it.weights}

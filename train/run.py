@@ -209,5 +209,37 @@ def point_map_cmd(labels, val_fraction, ridge):
     click.echo(json.dumps(res))
 
 
+@cli.command("refit-head")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--head", required=True, help="the head to refit, e.g. 300w68 (the scheme of the labelled training faces)")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="checkpoint to write (atomically; may be --checkpoint)")
+@click.option("--report", default=None, type=click.Path(dir_okay=False), help="also write the candidates' held-out NMEs to this JSON")
+@click.option("--no-pool", is_flag=True, help="score candidates on the held-out labelled faces only (without the teacher's labels of the pool)")
+@click.option("--threads", default=1, show_default=True)
+def refit_head_cmd(checkpoint, head, out, report, no_pool, threads):
+    """Refit HEAD as a linear map of the heads' outputs (fitted on the training faces, chosen
+    on the held-out ones, folded into the head's weights: same network, same latency)."""
+    import torch
+
+    from runtime.bundle import atomic_write_json
+    from train.refit import refit_head, write
+    torch.set_num_threads(threads)
+    try:
+        ck, rep = refit_head(checkpoint, head, pool=not no_pool)
+    except (ValueError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    for c in rep["candidates"]:
+        ridge = "-" if c["ridge"] is None else f"{c['ridge']:g}"
+        per = "  ".join(f"{k} {v * 100:.3f}" for k, v in c["sets"].items())
+        click.echo(f"  {'+'.join(c['sources']):16s} ridge {ridge:6s} held-out NME "
+                   f"{c['nme'] * 100:.3f} % ({per}){'   <- chosen' if c is rep['chosen'] else ''}")
+    write(ck, out)
+    if report:
+        atomic_write_json(Path(report), rep)
+    ch = rep["chosen"]
+    click.echo(f"{out}: head {head} = " + ("unchanged (native is best)" if ch["ridge"] is None
+               else f"map of {'+'.join(ch['sources'])} (ridge {ch['ridge']:g})") +
+               f"; {rep['criterion']}: {ch['nme'] * 100:.3f} %")
+
 if __name__ == "__main__":
     cli()

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 KEEP = ("arch", "scheme", "preprocess", "model", "epoch", "step", "history", "config", "params",
-        "soup")
+        "soup", "head_map")
 
 
 def ship(src, dst, arch_set: dict | None = None) -> dict:
