@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,3 +68,42 @@ def test_compare_scores_arm_outputs_against_x86(tiny_bundle):
                        {name: {"status": "error", "reason": "RuntimeError: scale size"}}, sample,
                        "cortex-a76", 0.10, ["aarch64"])["rows"][0]
     assert declared["verdict"] == "x86_64 only, as declared"
+
+
+def test_arm_drift_is_the_x86_drift_plus_what_arm_changes(tiny_bundle, tmp_path):
+    """An INT8 bundle's drift on ARM = its drift on x86 over all evaluation faces (the quantize
+    report beside it) + the NME change ARM makes in the same bundle, paired on the sample; the
+    budget applies to that sum, and the noisier INT8-vs-FP32 figure on the sample is kept."""
+    import shutil
+
+    from benchmark.arm_check import compare, crops_for, face_sample
+    from runtime.bundle import BundleMeta
+    from runtime.decode import Landmarker
+    model = tmp_path / "m"
+    fp32, int8 = model / "onnx_sim_fp32", model / "onnx_int8"
+    shutil.copytree(tiny_bundle, fp32)
+    shutil.copytree(tiny_bundle, int8)
+    metas = {b: BundleMeta.load(b) for b in (fp32, int8)}
+    metas[int8].precision = "int8"
+    (model / "quantize_report.json").write_text(json.dumps({"backends": {"onnxruntime": {
+        "status": "ok", "int8_bundle": "artifacts/m/onnx_int8", "nme": {
+            "wflw:eval/rect": {"fp32": {"nme": 0.0900}, "int8": {"nme": 0.0905}},
+            "wflw:eval/landmarks": {"fp32": {"nme": 0.0700}, "int8": {"nme": 0.0708}},
+            "300w:helen_test/landmarks": {"fp32": {"nme": 0.05}, "int8": {"nme": 0.06}}}}}}))
+    sample = [(s, faces[:10]) for s, faces in face_sample()]
+    x, mats = crops_for(metas[fp32], sample)
+    y = Landmarker.open(fp32, precision="f32")(x)
+    arm = {"m__onnx_sim_fp32": {"status": "ok", "outputs": {"300w68": y.tolist()}},
+           "m__onnx_int8": {"status": "ok", "outputs": {"300w68": (y + 0.004).tolist()}}}
+    rep = compare(metas, {b: mats for b in metas}, {n: x for n in arm}, arm, sample,
+                  "cortex-a76", 0.10, ["aarch64"])
+    row = next(r for r in rep["rows"] if r["bundle"] == "onnx_int8")
+    effect = row["arm_effect_points"]["wflw:eval/rect"]
+    assert effect == pytest.approx((row["accuracy"]["wflw:eval/rect"]["nme"]
+                                    - row["nme_x86"]["wflw:eval/rect"]) * 100) and effect != 0
+    assert row["drift_x86_points"] == pytest.approx({"wflw:eval/rect": 0.05,
+                                                     "wflw:eval/landmarks": 0.08})
+    assert row["drift_arm_points"] == pytest.approx({"wflw:eval/rect": 0.05 + effect,
+                                                     "wflw:eval/landmarks": 0.08 + effect})
+    assert row["drift_arm_sample_points"]["wflw:eval/rect"] == pytest.approx(effect, abs=1e-6)
+    assert row["verdict"] == ("pass" if abs(0.08 + effect) <= 0.10 else "fail")
