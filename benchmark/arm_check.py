@@ -491,6 +491,11 @@ def write(out: Path, report: dict, log) -> None:
              "| model | bundle | status | WFLW eval rect NME (x86) | HELEN NME (x86) | max shift vs x86 px "
              "| ARM effect, pp | INT8 drift on ARM, pp (sample) | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
+
+    def worst(d):      # the largest |drift| over the gated sets, signed
+        v = max((v for k, v in (d or {}).items() if k.startswith("wflw:eval/")), key=abs,
+                default=None)
+        return "-" if v is None else f"{v:+.3f}"
     for r in report["rows"]:
         if r["status"] != "ok":
             why = " ".join(r["reason"].split()).replace("|", "/")
@@ -499,10 +504,6 @@ def write(out: Path, report: dict, log) -> None:
             continue
         a, x = r["accuracy"], r["nme_x86"]
         f = lambda k: f"{a[k]['nme'] * 100:.2f} ({x[k] * 100:.2f})" if k in a else "-"   # noqa: E731
-        def worst(d):
-            v = max((v for k, v in (d or {}).items() if k.startswith("wflw:eval/")), key=abs,
-                    default=None)
-            return "-" if v is None else f"{v:+.3f}"
         drift = worst(r.get("drift_arm_points"))
         if r.get("drift_arm_sample_points") and r.get("drift_x86_points"):
             drift += f" ({worst(r['drift_arm_sample_points'])})"

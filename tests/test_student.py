@@ -212,12 +212,12 @@ def test_folded_head_equals_the_map_of_the_heads_outputs(shipped_checkpoint, hel
     from runtime.preprocess import Preprocess
     from train.engine import load_checkpoint, model_from_checkpoint, torch_predictor
     from train.pointmap import PointMap
-    from train.refit import fold, point_matrix
+    from train.refit import fold
     ck = load_checkpoint(shipped_checkpoint)
     rng = np.random.default_rng(0)
     pmap = PointMap(rng.normal(0, 0.02, (68, 166)) + np.eye(68, 166))
     p = rng.normal(size=(3, 166, 2))
-    np.testing.assert_allclose(point_matrix(pmap) @ p, pmap(p), atol=1e-5)
+    np.testing.assert_allclose(pmap.matrix() @ p, pmap(p), atol=1e-5)
     pre, faces = Preprocess.from_dict(ck["preprocess"]), helen_faces[:6]
     model = model_from_checkpoint(ck)
     before = {h: predict_faces(torch_predictor(model, h), faces, pre) for h in ("300w68", "wflw98")}

@@ -223,13 +223,14 @@ class RunData:
     extra: dict[str, tuple[list[D.Face], str]]  # --eval-set sets, logged only
     notes: dict = field(default_factory=dict)
     pool_map: object = None                # PointMap: the pool faces' targets of the own head
+    labelled: list[D.Face] = field(default_factory=list)   # the labelled faces it trains on
 
 
 def _pool_faces(labels: dict, scheme: str) -> list[D.Face]:
     """Pool faces with their teacher points; the hold-out key is each path relative to the
     folder all of them share, so the split does not depend on where the pool lies."""
     paths = [Path(p) for p in labels["paths"]]
-    common = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent if paths else None
+    common = Path(os.path.commonpath([p.parent for p in paths])) if paths else None
     return [D.Face(p, pts, None, np.zeros(6, np.int64), str(p),
                    D.split_key("pool", p.relative_to(common)))
             for p, pts in zip(paths, labels["points"])]
@@ -254,7 +255,7 @@ def prepare_data(cfg: TrainConfig) -> RunData:
     items = [Item(f, {own: f.points}, {own: np.ones(k_own, np.float32)}) for f in train_faces]
     by_path = {str(f.image_path): it for f, it in zip(train_faces, items)}
     held = {str(f.image_path) for f in val_faces}
-    data = RunData(heads, [], {}, {})
+    data = RunData(heads, [], {}, {}, labelled=train_faces)
     if val_faces and own in heads:
         data.val["val"] = (val_faces, own)
     pools = []

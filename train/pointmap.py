@@ -44,6 +44,12 @@ class PointMap:
         yx = np.einsum("nkd,njd->kj", y, x)
         return cls(yx @ np.linalg.inv(xx + ridge * len(src) * np.eye(xx.shape[0])))
 
+    def matrix(self) -> np.ndarray:
+        """The (K_out, K_in) matrix A with self(p) == A @ p for every (K_in, 2) point set p:
+        the centroid subtraction folded in (each row sums to 1, so A commutes with translation)."""
+        w = np.asarray(self.weights, np.float64)
+        return w + (1.0 - w.sum(1, keepdims=True)) / w.shape[1]
+
     def __call__(self, points: np.ndarray) -> np.ndarray:
         p = np.asarray(points, np.float64)
         c = p.mean(-2, keepdims=True)

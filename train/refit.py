@@ -25,23 +25,16 @@ import torch
 from evaluation.metrics import nme_per_face, predict_faces
 from runtime.preprocess import Preprocess
 from runtime.schemes import get_scheme
-from train.engine import load_checkpoint, model_from_checkpoint, save_checkpoint, torch_predictor
+from train.engine import load_checkpoint, model_from_checkpoint, torch_predictor
 from train.pointmap import PointMap
 
 RIDGES = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
 
 
-def point_matrix(pmap: PointMap) -> np.ndarray:
-    """The (K_out, K_in) matrix A with pmap(p) == A @ p for every (K_in, 2) point set p: the
-    centroid subtraction folded in (each row of A sums to 1, so A commutes with translation)."""
-    w = np.asarray(pmap.weights, np.float64)
-    return w + (1.0 - w.sum(1, keepdims=True)) / w.shape[1]
-
-
 def fold(state: dict, head: str, sources: list[str], pmap: PointMap) -> dict:
     """A state dict whose `head` outputs pmap(concatenated `sources` outputs): the heads are
     Linear layers with (x0, y0, x1, y1, ...) outputs, so the map is kron(A, I2) on them."""
-    a2 = torch.from_numpy(np.kron(point_matrix(pmap), np.eye(2)))
+    a2 = torch.from_numpy(np.kron(pmap.matrix(), np.eye(2)))
     w = torch.cat([state[f"heads.{s}.weight"].double() for s in sources])
     b = torch.cat([state[f"heads.{s}.bias"].double() for s in sources])
     if a2.shape[1] != w.shape[0]:
@@ -64,7 +57,7 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
     300-W crops but amplifies errors on in-the-wild faces loses).
     sources: the head lists to try (default: every subset of the other heads, alone and with
     `head`, and `head` alone)."""
-    from train.engine import TrainConfig, prepare_data, training_faces
+    from train.engine import TrainConfig, prepare_data
     ck = load_checkpoint(checkpoint)
     heads = list((ck["arch"].get("heads") or {}))
     if ck["arch"].get("family") == "heatmap" or len(heads) < 2:
@@ -86,8 +79,7 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
                              "not exist here: make them (`make labels`) or refit without the "
                              "pool (--no-pool)")
     data = prepare_data(cfg)
-    tr = training_faces(cfg.dataset, cfg.train_split, data_root, cfg.limit_faces,
-                        cfg.val_fraction)[0]
+    tr = data.labelled
     sets = {"heldout": (data.val["val"][0], None)}
     if pool and data.pool_map is not None:
         sets.update({k: (faces, data.pool_map) for k, (faces, scheme) in data.val.items()
@@ -111,11 +103,13 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
         return {"nme": float(np.mean(list(per.values()))), "sets": per}
 
     cands = [{"sources": [head], "ridge": None, **scored(lambda k: pts[k, head])}]
-    others = [h for h in heads if h != head]
-    subsets = [[head]] + [[*c] for r in range(1, len(others) + 1)
-                          for c in itertools.combinations(others, r)]
-    subsets += [[head, *s] for s in subsets[1:]]
-    subsets = [list(s) for s in sources] if sources else subsets
+    if sources:
+        subsets = [list(s) for s in sources]
+    else:
+        others = [h for h in heads if h != head]
+        alone = [list(c) for r in range(1, len(others) + 1)
+                 for c in itertools.combinations(others, r)]
+        subsets = [[head], *alone, *([head, *c] for c in alone)]
     maps = {}
     for src, ridge in itertools.product(subsets, ridges):
         cat = lambda part: np.concatenate([pts[part, s] for s in src], 1)   # noqa: E731
@@ -136,7 +130,3 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
     out["head_map"] = {k: report[k] for k in ("head", "fitted_on", "heldout_faces", "criterion",
                                              "chosen")}
     return out, report
-
-
-def write(ck: dict, dst) -> None:
-    save_checkpoint(Path(dst), ck)

@@ -222,7 +222,8 @@ def refit_head_cmd(checkpoint, head, out, report, no_pool, threads):
     import torch
 
     from runtime.bundle import atomic_write_json
-    from train.refit import refit_head, write
+    from train.engine import save_checkpoint
+    from train.refit import refit_head
     torch.set_num_threads(threads)
     try:
         ck, rep = refit_head(checkpoint, head, pool=not no_pool)
@@ -233,13 +234,14 @@ def refit_head_cmd(checkpoint, head, out, report, no_pool, threads):
         per = "  ".join(f"{k} {v * 100:.3f}" for k, v in c["sets"].items())
         click.echo(f"  {'+'.join(c['sources']):16s} ridge {ridge:6s} held-out NME "
                    f"{c['nme'] * 100:.3f} % ({per}){'   <- chosen' if c is rep['chosen'] else ''}")
-    write(ck, out)
+    save_checkpoint(Path(out), ck)
     if report:
         atomic_write_json(Path(report), rep)
     ch = rep["chosen"]
     click.echo(f"{out}: head {head} = " + ("unchanged (native is best)" if ch["ridge"] is None
                else f"map of {'+'.join(ch['sources'])} (ridge {ch['ridge']:g})") +
                f"; {rep['criterion']}: {ch['nme'] * 100:.3f} %")
+
 
 if __name__ == "__main__":
     cli()
