@@ -48,7 +48,8 @@ def fold(state: dict, head: str, sources: list[str], pmap: PointMap) -> dict:
 
 
 def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=None,
-               sources: list[list[str]] | None = None, pool: bool = True) -> tuple[dict, dict]:
+               sources: list[list[str]] | None = None, pool: bool = True,
+               pool_68: str | None = None) -> tuple[dict, dict]:
     """(new checkpoint, report). The report lists every candidate's held-out NMEs and the choice.
 
     Candidates are scored as training selected epochs: the mean NME over the run's held-out
@@ -56,7 +57,9 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
     against the teacher's points carried to `head` by the map training used (so a map that fits
     300-W crops but amplifies errors on in-the-wild faces loses).
     sources: the head lists to try (default: every subset of the other heads, alone and with
-    `head`, and `head` alone)."""
+    `head`, and `head` alone). pool_68: how the pool faces' targets of `head` are made for
+    scoring ("linear" / "index"; default: as the checkpoint trained), e.g. to score a run
+    trained with `--pool-68 none` on the same pool set as the others."""
     from train.engine import TrainConfig, prepare_data
     ck = load_checkpoint(checkpoint)
     heads = list((ck["arch"].get("heads") or {}))
@@ -71,7 +74,8 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
     c = ck.get("config") or {}
     keep = ("dataset", "train_split", "val_fraction", "limit_faces", "heads", "pool_68",
             "disagreement_tau", "max_disagreement")
-    cfg = TrainConfig(**{k: c[k] for k in keep if k in c}, data_root=data_root,
+    cfg = TrainConfig(**{**{k: c[k] for k in keep if k in c},
+                         **({"pool_68": pool_68} if pool_68 else {})}, data_root=data_root,
                       labels=tuple(c.get("labels", ())) if pool else ())
     for stem in cfg.labels:
         if not Path(f"{stem}.npz").is_file():

@@ -215,8 +215,9 @@ def point_map_cmd(labels, val_fraction, ridge):
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="checkpoint to write (atomically; may be --checkpoint)")
 @click.option("--report", default=None, type=click.Path(dir_okay=False), help="also write the candidates' held-out NMEs to this JSON")
 @click.option("--no-pool", is_flag=True, help="score candidates on the held-out labelled faces only (without the teacher's labels of the pool)")
+@click.option("--pool-68", type=click.Choice(["index", "linear"]), default=None, help="the pool faces' 68-point targets for scoring [default: as the checkpoint trained]; e.g. linear for a run trained with --pool-68 none")
 @click.option("--threads", default=1, show_default=True)
-def refit_head_cmd(checkpoint, head, out, report, no_pool, threads):
+def refit_head_cmd(checkpoint, head, out, report, no_pool, pool_68, threads):
     """Refit HEAD as a linear map of the heads' outputs (fitted on the training faces, chosen
     on the held-out ones, folded into the head's weights: same network, same latency)."""
     import torch
@@ -226,7 +227,7 @@ def refit_head_cmd(checkpoint, head, out, report, no_pool, threads):
     from train.refit import refit_head
     torch.set_num_threads(threads)
     try:
-        ck, rep = refit_head(checkpoint, head, pool=not no_pool)
+        ck, rep = refit_head(checkpoint, head, pool=not no_pool, pool_68=pool_68)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     for c in rep["candidates"]:
