@@ -253,3 +253,38 @@ def test_refit_head_is_chosen_on_held_out_faces_and_folded(shipped_checkpoint, t
     bad = CliRunner().invoke(cli, ["refit-head", "--checkpoint", str(shipped_checkpoint),
                                    "--head", "wflw98", "--out", str(tmp_path / "x.pt")])
     assert bad.exit_code == 1 and "not the scheme of its labelled training faces" in bad.output
+
+
+def test_fit_report_scores_training_and_held_out_faces(shipped_checkpoint, tmp_path):
+    """fit-report rebuilds the run's faces from the checkpoint: its held-out figure is the one
+    refit-head chose on (same faces, same weights); the training sample is drawn from the
+    labelled training faces, scored against their real labels."""
+    from click.testing import CliRunner
+    from train.diagnose import fit_report
+    from train.run import cli
+    rep = fit_report(shipped_checkpoint, sample=60, pool=False)
+    val = rep["fit"]["val"]
+    chosen = json.loads((REPO / "docs" / "student_w05_refit.json").read_text())["chosen"]
+    assert (val["head"], val["targets"], val["train_faces"], val["heldout_faces"]) == \
+        ("300w68", "real labels", 60, 112)
+    assert val["heldout_nme"] == pytest.approx(chosen["sets"]["heldout"], abs=1e-5)
+    assert 0.01 < val["train_nme"] < 0.2
+    bad = CliRunner().invoke(cli, ["fit-report", "--checkpoint", str(tmp_path / "none.pt")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+@pytest.mark.slow
+def test_teacher_distance_is_bounded_by_the_two_errors(shipped_checkpoint, teacher):
+    """On the 505 WFLW test faces: the student's NME is the evaluate figure, and the mean
+    student-to-teacher distance obeys the triangle inequality with the two NMEs."""
+    from runtime.preprocess import Preprocess
+    from train.diagnose import teacher_distance
+    from train.engine import load_checkpoint, model_from_checkpoint
+    ck = load_checkpoint(shipped_checkpoint)
+    r = teacher_distance(model_from_checkpoint(ck), Preprocess.from_dict(ck["preprocess"]),
+                         list(ck["arch"]["heads"]), teacher)
+    assert r["faces"] == 505
+    assert r["landmarks"]["student_nme"] == pytest.approx(0.0717, abs=5e-5)
+    for prot in ("landmarks", "rect"):
+        s, t, d = (r[prot][k] for k in ("student_nme", "teacher_nme", "student_to_teacher"))
+        assert abs(s - t) <= d <= s + t and d > 0.01

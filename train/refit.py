@@ -47,6 +47,26 @@ def fold(state: dict, head: str, sources: list[str], pmap: PointMap) -> dict:
     return out
 
 
+def checkpoint_data(ck: dict, checkpoint, data_root=None, pool: bool = True,
+                    pool_68: str | None = None):
+    """The RunData (training faces, held-out sets) a checkpoint trained on, rebuilt from its
+    saved config; `pool` False leaves the teacher's pool faces out, `pool_68` overrides how the
+    pool faces' 68-point targets are made."""
+    from train.engine import TrainConfig, prepare_data
+    c = ck.get("config") or {}
+    keep = ("dataset", "train_split", "val_fraction", "limit_faces", "heads", "pool_68",
+            "disagreement_tau", "max_disagreement")
+    cfg = TrainConfig(**{**{k: c[k] for k in keep if k in c},
+                         **({"pool_68": pool_68} if pool_68 else {})}, data_root=data_root,
+                      labels=tuple(c.get("labels", ())) if pool else ())
+    for stem in cfg.labels:
+        if not Path(f"{stem}.npz").is_file():
+            raise ValueError(f"{checkpoint} was trained with teacher labels {stem}.npz, which do "
+                             "not exist here: make them (`make labels`)"
+                             + (" or refit without the pool (--no-pool)" if pool else ""))
+    return prepare_data(cfg)
+
+
 def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=None,
                sources: list[list[str]] | None = None, pool: bool = True,
                pool_68: str | None = None) -> tuple[dict, dict]:
@@ -60,7 +80,6 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
     `head`, and `head` alone). pool_68: how the pool faces' targets of `head` are made for
     scoring ("linear" / "index"; default: as the checkpoint trained), e.g. to score a run
     trained with `--pool-68 none` on the same pool set as the others."""
-    from train.engine import TrainConfig, prepare_data
     ck = load_checkpoint(checkpoint)
     heads = list((ck["arch"].get("heads") or {}))
     if ck["arch"].get("family") == "heatmap" or len(heads) < 2:
@@ -71,18 +90,7 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
     if head != ck["scheme"]:
         raise ValueError(f"{checkpoint}: head {head} is not the scheme of its labelled training "
                          f"faces ({ck['scheme']}); only that head can be refitted on them")
-    c = ck.get("config") or {}
-    keep = ("dataset", "train_split", "val_fraction", "limit_faces", "heads", "pool_68",
-            "disagreement_tau", "max_disagreement")
-    cfg = TrainConfig(**{**{k: c[k] for k in keep if k in c},
-                         **({"pool_68": pool_68} if pool_68 else {})}, data_root=data_root,
-                      labels=tuple(c.get("labels", ())) if pool else ())
-    for stem in cfg.labels:
-        if not Path(f"{stem}.npz").is_file():
-            raise ValueError(f"{checkpoint} was trained with teacher labels {stem}.npz, which do "
-                             "not exist here: make them (`make labels`) or refit without the "
-                             "pool (--no-pool)")
-    data = prepare_data(cfg)
+    data = checkpoint_data(ck, checkpoint, data_root, pool, pool_68)
     tr = data.labelled
     sets = {"heldout": (data.val["val"][0], None)}
     if pool and data.pool_map is not None:

@@ -244,5 +244,42 @@ def refit_head_cmd(checkpoint, head, out, report, no_pool, pool_68, threads):
                f"; {rep['criterion']}: {ch['nme'] * 100:.3f} %")
 
 
+@cli.command("fit-report")
+@click.option("--checkpoint", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--teacher", default=None, type=click.Path(exists=True), help="the teacher (a bundle, or a model file with --teacher-spec): also its and the student's NME and their distance on the WFLW test faces")
+@click.option("--teacher-spec", default=None, type=click.Path(exists=True, dir_okay=False), help="spec JSON of a teacher model file")
+@click.option("--sample", default=600, show_default=True, help="training faces scored per held-out set (0: all)")
+@click.option("--no-pool", is_flag=True, help="the labelled faces only (without the teacher's labels of the pool)")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="also write the figures to this JSON")
+@click.option("--threads", default=1, show_default=True)
+def fit_report_cmd(checkpoint, teacher, teacher_spec, sample, no_pool, out, threads):
+    """How well a multi-head checkpoint fits its training faces (against its held-out faces),
+    and, with --teacher, how far it is from the teacher (train/diagnose.py)."""
+    import torch
+
+    from runtime.bundle import BundleError, atomic_write_json
+    from train.diagnose import fit_report
+    from train.pseudo_label import LabelError, load_teacher
+    torch.set_num_threads(threads)
+    try:
+        t = load_teacher(teacher, teacher_spec, threads=threads) if teacher else None
+        rep = fit_report(checkpoint, sample, t, pool=not no_pool)
+    except (ValueError, FileNotFoundError, BundleError, LabelError) as e:
+        raise click.ClickException(str(e)) from None
+    for name, r in rep["fit"].items():
+        click.echo(f"{name:12s} head {r['head']}, {r['targets']}: training faces "
+                   f"{r['train_nme'] * 100:.2f} % ({r['train_faces']}), held-out "
+                   f"{r['heldout_nme'] * 100:.2f} % ({r['heldout_faces']})")
+    if "teacher" in rep:
+        t = rep["teacher"]
+        for prot in ("landmarks", "rect"):
+            r = t[prot]
+            click.echo(f"{t['set']} ({t['faces']} faces, {prot} crops, {t['head']}): student "
+                       f"{r['student_nme'] * 100:.2f} %, teacher {r['teacher_nme'] * 100:.2f} %, "
+                       f"student to teacher {r['student_to_teacher'] * 100:.2f} %")
+    if out:
+        atomic_write_json(Path(out), rep)
+
+
 if __name__ == "__main__":
     cli()
