@@ -288,3 +288,16 @@ def test_teacher_distance_is_bounded_by_the_two_errors(shipped_checkpoint, teach
     for prot in ("landmarks", "rect"):
         s, t, d = (r[prot][k] for k in ("student_nme", "teacher_nme", "student_to_teacher"))
         assert abs(s - t) <= d <= s + t and d > 0.01
+
+
+def test_fit_report_crops_held_out_pool_faces_from_their_detector_boxes(pool_faces, helen_faces):
+    """The detector-box figure crops a pool face from its own faces.tsv box (what the runtime
+    gets from a detector); faces that are not in a pool have no such figure."""
+    from evaluation.data import Face
+    from train.diagnose import _detector_boxes
+    faces = [Face(f.image_path, np.zeros((98, 2), np.float32)) for f in pool_faces[:5]]
+    boxed = _detector_boxes(faces)
+    assert [b.image_path for b in boxed] == [f.image_path for f in faces]
+    assert np.allclose(np.stack([b.rect for b in boxed]), np.stack([f.box for f in pool_faces[:5]]),
+                       atol=1e-4)
+    assert _detector_boxes(helen_faces[:3]) is None

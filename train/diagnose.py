@@ -5,7 +5,9 @@ is from its teacher.
         --teacher artifacts/pfld_ghostone/onnx_sim_fp32
 
 1. Fit: each head's NME on (a fixed sample of) the faces it trained on against the targets it
-   trained on, next to the same head on the run's held-out faces. Training NME close to the
+   trained on, next to the same head on the run's held-out faces; for held-out pool faces also
+   from their detector boxes ("rect" protocol with the pool's own detector box, the runtime's
+   path; training's held-out figures crop from the teacher's points). Training NME close to the
    held-out NME means the network underfits (capacity or optimisation is the limit, not the
    amount of data); a large gap means it overfits (more faces would help). Faces are cut by
    the "landmarks" protocol from their targets, as training's canonical crop, no augmentation.
@@ -16,6 +18,9 @@ is from its teacher.
    analysis of test faces: nothing is chosen by it.
 """
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
 
 import numpy as np
 
@@ -37,7 +42,8 @@ def _sample(n_total: int, n: int, seed: int = 0) -> np.ndarray:
 
 def fit_report(checkpoint, sample: int = 600, teacher=None, data_root=None, wflw=None,
                pool: bool = True, progress=None) -> dict:
-    """{"fit": {set: {head, train_faces, train_nme, heldout_faces, heldout_nme}},
+    """{"fit": {set: {head, targets, train_faces, train_nme, heldout_faces, heldout_nme,
+    heldout_box_nme (pool sets)}},
     "teacher": {protocol: {student_nme, teacher_nme, student_to_teacher}}} (NME fractions).
     `pool` False: the labelled faces only (no teacher labels needed)."""
     ck = load_checkpoint(checkpoint)
@@ -50,7 +56,7 @@ def fit_report(checkpoint, sample: int = 600, teacher=None, data_root=None, wflw
     pre = Preprocess.from_dict(ck["preprocess"])
     labelled = {str(f.image_path) for f in data.labelled}
     own = ck["scheme"]
-    groups = {}          # held-out set -> (training faces with their targets of its head)
+    groups = {}          # held-out set -> (head, [(training face, its target)], held-out faces)
     for name, (faces, head) in data.val.items():
         if name == "val":
             train = [(it.face, it.targets[head]) for it in data.items
@@ -70,20 +76,41 @@ def fit_report(checkpoint, sample: int = 600, teacher=None, data_root=None, wflw
         crop_faces = [_with_points(f, t) for f, t in pick]
         p_tr = predict_faces(predict, crop_faces, pre, "landmarks", progress=progress)
         p_ho = predict_faces(predict, held, pre, "landmarks", progress=progress)
+        gt_ho = np.stack([f.points for f in held])
         out["fit"][name] = {
             "head": head, "targets": "real labels" if head == own and name == "val"
             else "teacher labels",
             "train_faces": len(faces), "train_nme": float(nme_per_face(p_tr, tgt, eyes).mean()),
             "heldout_faces": len(held),
-            "heldout_nme": float(nme_per_face(p_ho, np.stack([f.points for f in held]),
-                                              eyes).mean())}
+            "heldout_nme": float(nme_per_face(p_ho, gt_ho, eyes).mean())}
+        boxed = _detector_boxes(held) if name != "val" else None
+        if boxed is not None:
+            p_box = predict_faces(predict, boxed, pre, "rect", progress=progress)
+            out["fit"][name]["heldout_box_nme"] = float(nme_per_face(p_box, gt_ho, eyes).mean())
     if teacher is not None:
         out["teacher"] = teacher_distance(model, pre, heads, teacher, wflw, progress)
     return out
 
 
+def _detector_boxes(faces):
+    """The faces with `rect` = their detector box from the pool's faces.tsv (the folder above
+    the images holding it), or None if they are not pool faces."""
+    from train.pseudo_label import POOL_TSV, load_pool
+    if not faces:
+        return None
+    root = next((d for d in Path(faces[0].image_path).resolve().parents
+                 if (d / POOL_TSV).is_file()), None)
+    if root is None:
+        return None
+    box = {Path(f.image_path).resolve(): f.box for f in load_pool(root)}
+    missing = [f for f in faces if Path(f.image_path).resolve() not in box]
+    if missing:
+        raise ValueError(f"{missing[0].image_path}: not in {root / POOL_TSV}")
+    return [dataclasses.replace(f, rect=np.asarray(box[Path(f.image_path).resolve()], np.float32))
+            for f in faces]
+
+
 def _with_points(face, points):
-    import dataclasses
     return dataclasses.replace(face, points=np.asarray(points, np.float32))
 
 

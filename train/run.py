@@ -267,9 +267,11 @@ def fit_report_cmd(checkpoint, teacher, teacher_spec, sample, no_pool, out, thre
     except (ValueError, FileNotFoundError, BundleError, LabelError) as e:
         raise click.ClickException(str(e)) from None
     for name, r in rep["fit"].items():
+        box = (f", from their detector boxes {r['heldout_box_nme'] * 100:.2f} %"
+               if "heldout_box_nme" in r else "")
         click.echo(f"{name:12s} head {r['head']}, {r['targets']}: training faces "
                    f"{r['train_nme'] * 100:.2f} % ({r['train_faces']}), held-out "
-                   f"{r['heldout_nme'] * 100:.2f} % ({r['heldout_faces']})")
+                   f"{r['heldout_nme'] * 100:.2f} % ({r['heldout_faces']}){box}")
     if "teacher" in rep:
         t = rep["teacher"]
         for prot in ("landmarks", "rect"):
