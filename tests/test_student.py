@@ -4,6 +4,7 @@ heads a face has labels for, and the export of both heads with parity."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,17 @@ def test_two_head_training_run_and_export_of_both_heads(tmp_path):
                       disagreement_tau=0.05)
     entry = train(cfg)
     assert entry["step"] == 3 and "val_pool" in entry and entry["val_pool"]["head"] == "wflw98"
+    # the held-out pool faces cropped from their detector boxes: logged, chosen on only when asked
+    box = entry["val_pool_box"]
+    assert (box["protocol"], box["count"]) == ("rect", entry["val_pool"]["count"])
+    assert entry["selection_nme"] == pytest.approx(np.mean([entry["val"]["nme"],
+                                                            entry["val_pool"]["nme"]]))
+    on = train(replace(cfg, select_on_boxes=True, max_steps=1, out=str(tmp_path / "boxes")))
+    assert on["selection_nme"] == pytest.approx(np.mean([on[k]["nme"] for k in
+                                                         ("val", "val_pool", "val_pool_box")]))
+    from train.refit import refit_head        # the refit scores on the same three sets
+    _, rep = refit_head(tmp_path / "boxes" / "last.pt", "300w68", ridges=(1e-3,))
+    assert set(rep["heldout_faces"]) == {"heldout", "val_pool", "val_pool_box"}
     ck = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ck["arch"]["heads"] == {"300w68": 68, "wflw98": 98}
     bundles = export_all(tmp_path / "run" / "last.pt", tmp_path / "art",
@@ -290,14 +302,14 @@ def test_teacher_distance_is_bounded_by_the_two_errors(shipped_checkpoint, teach
         assert abs(s - t) <= d <= s + t and d > 0.01
 
 
-def test_fit_report_crops_held_out_pool_faces_from_their_detector_boxes(pool_faces, helen_faces):
-    """The detector-box figure crops a pool face from its own faces.tsv box (what the runtime
+def test_held_out_pool_faces_are_cropped_from_their_detector_boxes(pool_faces, helen_faces):
+    """The detector-box held-out set (training's log, --select-on-boxes, fit-report) crops a pool face from its own faces.tsv box (what the runtime
     gets from a detector); faces that are not in a pool have no such figure."""
     from evaluation.data import Face
-    from train.diagnose import _detector_boxes
+    from train.engine import pool_detector_boxes
     faces = [Face(f.image_path, np.zeros((98, 2), np.float32)) for f in pool_faces[:5]]
-    boxed = _detector_boxes(faces)
+    boxed = pool_detector_boxes(faces)
     assert [b.image_path for b in boxed] == [f.image_path for f in faces]
     assert np.allclose(np.stack([b.rect for b in boxed]), np.stack([f.box for f in pool_faces[:5]]),
                        atol=1e-4)
-    assert _detector_boxes(helen_faces[:3]) is None
+    assert pool_detector_boxes(helen_faces[:3]) is None

@@ -20,7 +20,6 @@ is from its teacher.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 
@@ -28,7 +27,7 @@ from evaluation.metrics import nme_per_face, predict_faces
 from evaluation.sets import load_set, set_info
 from runtime.preprocess import Preprocess
 from runtime.schemes import get_scheme
-from train.engine import load_checkpoint, model_from_checkpoint, torch_predictor
+from train.engine import load_checkpoint, model_from_checkpoint, pool_detector_boxes, torch_predictor
 from train.refit import checkpoint_data
 
 TEACHER_SET = "wflw:test"
@@ -58,6 +57,8 @@ def fit_report(checkpoint, sample: int = 600, teacher=None, data_root=None, wflw
     own = ck["scheme"]
     groups = {}          # held-out set -> (head, [(training face, its target)], held-out faces)
     for name, (faces, head) in data.val.items():
+        if name in data.protocols:        # a detector-box set: scored with its pool set below
+            continue
         if name == "val":
             train = [(it.face, it.targets[head]) for it in data.items
                      if str(it.face.image_path) in labelled and head in it.targets]
@@ -83,31 +84,13 @@ def fit_report(checkpoint, sample: int = 600, teacher=None, data_root=None, wflw
             "train_faces": len(faces), "train_nme": float(nme_per_face(p_tr, tgt, eyes).mean()),
             "heldout_faces": len(held),
             "heldout_nme": float(nme_per_face(p_ho, gt_ho, eyes).mean())}
-        boxed = _detector_boxes(held) if name != "val" else None
+        boxed = pool_detector_boxes(held) if name != "val" else None
         if boxed is not None:
             p_box = predict_faces(predict, boxed, pre, "rect", progress=progress)
             out["fit"][name]["heldout_box_nme"] = float(nme_per_face(p_box, gt_ho, eyes).mean())
     if teacher is not None:
         out["teacher"] = teacher_distance(model, pre, heads, teacher, wflw, progress)
     return out
-
-
-def _detector_boxes(faces):
-    """The faces with `rect` = their detector box from the pool's faces.tsv (the folder above
-    the images holding it), or None if they are not pool faces."""
-    from train.pseudo_label import POOL_TSV, load_pool
-    if not faces:
-        return None
-    root = next((d for d in Path(faces[0].image_path).resolve().parents
-                 if (d / POOL_TSV).is_file()), None)
-    if root is None:
-        return None
-    box = {Path(f.image_path).resolve(): f.box for f in load_pool(root)}
-    missing = [f for f in faces if Path(f.image_path).resolve() not in box]
-    if missing:
-        raise ValueError(f"{missing[0].image_path}: not in {root / POOL_TSV}")
-    return [dataclasses.replace(f, rect=np.asarray(box[Path(f.image_path).resolve()], np.float32))
-            for f in faces]
 
 
 def _with_points(face, points):

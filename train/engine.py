@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,8 @@ class TrainConfig:
     disagreement_tau: float = 0.0        # per-point weight 1 / (1 + (d / tau)^2) from the
                                          # teacher's flip disagreement d (0: off)
     max_disagreement: float = 0.2        # drop pool faces whose mean flip disagreement is larger
+    select_on_boxes: bool = False        # the held-out pool faces cropped from their detector
+                                         # boxes join the selection mean (always logged)
     family: str = "pfld"                 # pfld (coordinate regression) | heatmap (train/heatmap.py)
     hm_encoding: str = "continuous"      # heatmap targets: continuous | rounded (the baseline)
     hm_decoder: str = "local_soft_argmax"   # runtime.decode.HEATMAP_DECODERS
@@ -224,6 +226,8 @@ class RunData:
     notes: dict = field(default_factory=dict)
     pool_map: object = None                # PointMap: the pool faces' targets of the own head
     labelled: list[D.Face] = field(default_factory=list)   # the labelled faces it trains on
+    protocols: dict[str, str] = field(default_factory=dict)  # held-out/extra set -> crop protocol
+                                                             # (default "landmarks")
 
 
 def _pool_faces(labels: dict, scheme: str) -> list[D.Face]:
@@ -234,6 +238,25 @@ def _pool_faces(labels: dict, scheme: str) -> list[D.Face]:
     return [D.Face(p, pts, None, np.zeros(6, np.int64), str(p),
                    D.split_key("pool", p.relative_to(common)))
             for p, pts in zip(paths, labels["points"])]
+
+
+def pool_detector_boxes(faces: list[D.Face]) -> list[D.Face] | None:
+    """The faces with `rect` = their detector box from their pool's faces.tsv (the nearest
+    folder above the image holding one), for the "rect" protocol: the crop a detector gives,
+    as in the runtime. None if the faces are not pool faces."""
+    from train.pseudo_label import POOL_TSV, load_pool
+    if not faces:
+        return None
+    root = next((d for d in Path(faces[0].image_path).resolve().parents
+                 if (d / POOL_TSV).is_file()), None)
+    if root is None:
+        return None
+    box = {Path(f.image_path).resolve(): f.box for f in load_pool(root)}
+    missing = [f for f in faces if Path(f.image_path).resolve() not in box]
+    if missing:
+        raise D.DataError(f"{missing[0].image_path}: not in {root / POOL_TSV}")
+    return [replace(f, rect=np.asarray(box[Path(f.image_path).resolve()], np.float32))
+            for f in faces]
 
 
 def prepare_data(cfg: TrainConfig) -> RunData:
@@ -300,6 +323,11 @@ def prepare_data(cfg: TrainConfig) -> RunData:
             items.append(Item(f, t, wt))
         if ho:
             data.val[f"val_{Path(stem).name}"] = (ho, scheme)
+            boxed = pool_detector_boxes(ho)
+            if boxed is not None:
+                name = f"val_{Path(stem).name}_box"
+                (data.val if cfg.select_on_boxes else data.extra)[name] = (boxed, scheme)
+                data.protocols[name] = "rect"
         data.notes[stem] = (f"{len(tr)} pool faces to train, {len(ho)} held out, "
                             f"{int((~keep).sum())} dropped (disagreement > {cfg.max_disagreement})")
     if pools and pmap is not None:
@@ -435,7 +463,7 @@ def _evaluate(model, data: RunData, pre: Preprocess) -> dict:
                                SCHEME_OF[_parse_set(name)[0]])
         key = head if model.head_points else None
         r = evaluate(torch_predictor(model, key), faces, pre, get_scheme(head), ds_scheme,
-                     "landmarks")
+                     data.protocols.get(name, "landmarks"))
         out[name] = {k: v for k, v in r.items() if not k.startswith("_")}
         out[name]["head"] = head
     return out

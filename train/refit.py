@@ -48,16 +48,18 @@ def fold(state: dict, head: str, sources: list[str], pmap: PointMap) -> dict:
 
 
 def checkpoint_data(ck: dict, checkpoint, data_root=None, pool: bool = True,
-                    pool_68: str | None = None):
+                    pool_68: str | None = None, select_on_boxes: bool | None = None):
     """The RunData (training faces, held-out sets) a checkpoint trained on, rebuilt from its
     saved config; `pool` False leaves the teacher's pool faces out, `pool_68` overrides how the
-    pool faces' 68-point targets are made."""
+    pool faces' 68-point targets are made, `select_on_boxes` whether the held-out pool faces
+    cropped from their detector boxes are a held-out set."""
     from train.engine import TrainConfig, prepare_data
     c = ck.get("config") or {}
     keep = ("dataset", "train_split", "val_fraction", "limit_faces", "heads", "pool_68",
-            "disagreement_tau", "max_disagreement")
-    cfg = TrainConfig(**{**{k: c[k] for k in keep if k in c},
-                         **({"pool_68": pool_68} if pool_68 else {})}, data_root=data_root,
+            "disagreement_tau", "max_disagreement", "select_on_boxes")
+    over = {k: v for k, v in (("pool_68", pool_68), ("select_on_boxes", select_on_boxes))
+            if v is not None}
+    cfg = TrainConfig(**{**{k: c[k] for k in keep if k in c}, **over}, data_root=data_root,
                       labels=tuple(c.get("labels", ())) if pool else ())
     for stem in cfg.labels:
         if not Path(f"{stem}.npz").is_file():
@@ -69,7 +71,8 @@ def checkpoint_data(ck: dict, checkpoint, data_root=None, pool: bool = True,
 
 def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=None,
                sources: list[list[str]] | None = None, pool: bool = True,
-               pool_68: str | None = None) -> tuple[dict, dict]:
+               pool_68: str | None = None, select_on_boxes: bool | None = None
+               ) -> tuple[dict, dict]:
     """(new checkpoint, report). The report lists every candidate's held-out NMEs and the choice.
 
     Candidates are scored as training selected epochs: the mean NME over the run's held-out
@@ -79,7 +82,9 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
     sources: the head lists to try (default: every subset of the other heads, alone and with
     `head`, and `head` alone). pool_68: how the pool faces' targets of `head` are made for
     scoring ("linear" / "index"; default: as the checkpoint trained), e.g. to score a run
-    trained with `--pool-68 none` on the same pool set as the others."""
+    trained with `--pool-68 none` on the same pool set as the others. select_on_boxes: also
+    score on the held-out pool faces cropped from their detector boxes (default: as the
+    checkpoint trained)."""
     ck = load_checkpoint(checkpoint)
     heads = list((ck["arch"].get("heads") or {}))
     if ck["arch"].get("family") == "heatmap" or len(heads) < 2:
@@ -90,7 +95,7 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
     if head != ck["scheme"]:
         raise ValueError(f"{checkpoint}: head {head} is not the scheme of its labelled training "
                          f"faces ({ck['scheme']}); only that head can be refitted on them")
-    data = checkpoint_data(ck, checkpoint, data_root, pool, pool_68)
+    data = checkpoint_data(ck, checkpoint, data_root, pool, pool_68, select_on_boxes)
     tr = data.labelled
     sets = {"heldout": (data.val["val"][0], None)}
     if pool and data.pool_map is not None:
@@ -102,8 +107,8 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
     model = model_from_checkpoint(ck)
     pre = Preprocess.from_dict(ck["preprocess"])
     parts = {"train": tr, **{k: v[0] for k, v in sets.items()}}
-    pts = {(name, h): predict_faces(torch_predictor(model, h), faces, pre, "landmarks",
-                                    progress=progress)
+    pts = {(name, h): predict_faces(torch_predictor(model, h), faces, pre,
+                                    data.protocols.get(name, "landmarks"), progress=progress)
            for name, faces in parts.items() for h in heads}
     gt = {"train": np.stack([f.points for f in tr])}
     gt.update({k: m(np.stack([f.points for f in fs])) if m is not None

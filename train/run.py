@@ -54,6 +54,7 @@ def cli():
 @click.option("--head-weights", default="", help="comma list of loss weights, one per head [default: 1 each]")
 @click.option("--disagreement-tau", default=DEFAULTS.disagreement_tau, show_default=True, help="per-point weight 1/(1+(d/tau)^2) from the teacher's flip disagreement (0: off)")
 @click.option("--max-disagreement", default=DEFAULTS.max_disagreement, show_default=True, help="drop pool faces whose mean flip disagreement (x eye distance) is larger")
+@click.option("--select-on-boxes", is_flag=True, help="the held-out pool faces cropped from their detector boxes (logged as val_<labels>_box) join the held-out mean that chooses the epoch")
 @click.option("--family", type=click.Choice(["pfld", "heatmap"]), default=DEFAULTS.family, show_default=True, help="pfld: coordinate regression; heatmap: subpixel heatmap regression (train/heatmap.py)")
 @click.option("--hm-encoding", type=click.Choice(["continuous", "rounded"]), default=DEFAULTS.hm_encoding, show_default=True, help="heatmap targets centred at the exact location or rounded to a heatmap pixel")
 @click.option("--hm-decoder", type=click.Choice(["local_soft_argmax", "argmax_quarter", "global_soft_argmax"]), default=DEFAULTS.hm_decoder, show_default=True)
@@ -216,8 +217,9 @@ def point_map_cmd(labels, val_fraction, ridge):
 @click.option("--report", default=None, type=click.Path(dir_okay=False), help="also write the candidates' held-out NMEs to this JSON")
 @click.option("--no-pool", is_flag=True, help="score candidates on the held-out labelled faces only (without the teacher's labels of the pool)")
 @click.option("--pool-68", type=click.Choice(["index", "linear"]), default=None, help="the pool faces' 68-point targets for scoring [default: as the checkpoint trained]; e.g. linear for a run trained with --pool-68 none")
+@click.option("--select-on-boxes/--no-select-on-boxes", default=None, help="also score candidates on the held-out pool faces cropped from their detector boxes [default: as the checkpoint trained]")
 @click.option("--threads", default=1, show_default=True)
-def refit_head_cmd(checkpoint, head, out, report, no_pool, pool_68, threads):
+def refit_head_cmd(checkpoint, head, out, report, no_pool, pool_68, select_on_boxes, threads):
     """Refit HEAD as a linear map of the heads' outputs (fitted on the training faces, chosen
     on the held-out ones, folded into the head's weights: same network, same latency)."""
     import torch
@@ -227,7 +229,8 @@ def refit_head_cmd(checkpoint, head, out, report, no_pool, pool_68, threads):
     from train.refit import refit_head
     torch.set_num_threads(threads)
     try:
-        ck, rep = refit_head(checkpoint, head, pool=not no_pool, pool_68=pool_68)
+        ck, rep = refit_head(checkpoint, head, pool=not no_pool, pool_68=pool_68,
+                             select_on_boxes=select_on_boxes)
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     for c in rep["candidates"]:
