@@ -65,7 +65,7 @@ def checkpoint_data(ck: dict, checkpoint, data_root=None, pool: bool = True,
         if not Path(f"{stem}.npz").is_file():
             raise ValueError(f"{checkpoint} was trained with teacher labels {stem}.npz, which do "
                              "not exist here: make them (`make labels`)"
-                             + (" or refit without the pool (--no-pool)" if pool else ""))
+                             + (" or leave the pool out (--no-pool)" if pool else ""))
     return prepare_data(cfg)
 
 
