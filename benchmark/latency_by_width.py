@@ -1,6 +1,7 @@
 """INT8 latency of the two-head PFLD at each width against the teacher's FP32 latency, in one run.
 
     python benchmark/latency_by_width.py --teacher artifacts/pfld_ghostone/onnx_sim_fp32
+    python benchmark/latency_by_width.py --teacher ... --widths 0.5 --necks 0,256   # neck widths
 
 Latency does not depend on the weights, so each width is a freshly initialised two-head
 (68 + 98) PFLD, exported to ONNX and quantized by the onnxruntime backend on the real WFLW
@@ -26,7 +27,7 @@ from runtime.decode import Landmarker
 from runtime.engines import OnnxRuntimeEngine
 
 
-def _int8_of_width(width: float, work: Path, calib: np.ndarray) -> Path:
+def _int8_of_width(width: float, work: Path, calib: np.ndarray, neck: int = 0) -> Path:
     import torch
 
     from export.stages import export_all
@@ -34,25 +35,28 @@ def _int8_of_width(width: float, work: Path, calib: np.ndarray) -> Path:
     from train.engine import save_checkpoint
     from train.model import PFLD
     torch.manual_seed(0)
-    m = PFLD(0, width, heads={"300w68": 68, "wflw98": 98}).eval()
-    ck = work / f"w{width}.pt"
+    m = PFLD(0, width, heads={"300w68": 68, "wflw98": 98}, neck=neck or None).eval()
+    tag = f"{width}_n{neck}"
+    ck = work / f"w{tag}.pt"
     save_checkpoint(ck, {"arch": m.arch, "scheme": "300w68", "preprocess": Preprocess().to_meta(),
                          "model": m.state_dict()})
-    bundles = export_all(ck, work / f"w{width}", targets=["onnx_sim_fp32"], progress=lambda s: None)
-    q = OnnxRuntimeQuantizer(BundleMeta.load(bundles["onnx_sim_fp32"]), work / f"q{width}")
-    q.quantize(calib, Options(), work / f"int8_{width}")
-    return work / f"int8_{width}" / "model.onnx"
+    bundles = export_all(ck, work / f"w{tag}", targets=["onnx_sim_fp32"], progress=lambda s: None)
+    q = OnnxRuntimeQuantizer(BundleMeta.load(bundles["onnx_sim_fp32"]), work / f"q{tag}")
+    q.quantize(calib, Options(), work / f"int8_{tag}")
+    return work / f"int8_{tag}" / "model.onnx"
 
 
 @click.command()
 @click.option("--teacher", required=True, type=click.Path(exists=True, file_okay=False),
               help="the teacher's FP32 bundle (e.g. artifacts/pfld_ghostone/onnx_sim_fp32)")
 @click.option("--widths", default="0.5,0.75,1.0", show_default=True)
+@click.option("--necks", default="0", show_default=True,
+              help="last-stage channels to try at each width (0: 128 x width)")
 @click.option("--runs", default=300, show_default=True)
 @click.option("--also", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="other bundles to time in the same run (e.g. artifacts/pfld68_w05/onnx_int8)")
 @click.option("--out", default="artifacts/latency_by_width.json", show_default=True)
-def main(teacher, widths, runs, also, out):
+def main(teacher, widths, necks, runs, also, out):
     calib_faces = scored_set("wflw:calib/rect").faces()
     lm = Landmarker.open(teacher, threads=1)
     calib = face_batch(calib_faces, lm.pre, "rect")
@@ -63,8 +67,10 @@ def main(teacher, widths, runs, also, out):
         fns[f"{Path(b).parent.name}/{Path(b).name}"] = other.engine
     with tempfile.TemporaryDirectory() as tmp:
         for w in (float(v) for v in widths.split(",")):
-            path = _int8_of_width(w, Path(tmp), calib)
-            fns[f"two-head PFLD width {w} int8"] = OnnxRuntimeEngine(path, threads=1)
+            for n in (int(v) for v in necks.split(",")):
+                path = _int8_of_width(w, Path(tmp), calib, n)
+                fns[f"two-head PFLD width {w}{f' neck {n}' if n else ''} int8"] = \
+                    OnnxRuntimeEngine(path, threads=1)
         t = time_interleaved(fns, x1, warmup=30, runs=runs)
     ref = next(iter(t.values()))["median_ms"]
     rows = [{"model": k, **v, "ratio_to_teacher": v["median_ms"] / ref} for k, v in t.items()]

@@ -313,3 +313,37 @@ def test_held_out_pool_faces_are_cropped_from_their_detector_boxes(pool_faces, h
     assert np.allclose(np.stack([b.rect for b in boxed]), np.stack([f.box for f in pool_faces[:5]]),
                        atol=1e-4)
     assert pool_detector_boxes(helen_faces[:3]) is None
+
+
+def test_widened_neck_keeps_the_function_and_round_trips(tmp_path):
+    """--neck: an --init with the default neck is widened Net2Net-style (same outputs before
+    any step), and the neck travels in the checkpoint's arch (build() makes the same network)."""
+    from train.engine import TrainConfig, build_model, load_checkpoint, model_from_checkpoint, \
+        save_checkpoint
+    from runtime.preprocess import Preprocess
+    from train.model import PFLD, build
+    torch.manual_seed(0)
+    heads = {"300w68": 68, "wflw98": 98}
+    narrow = PFLD(0, 0.25, heads=heads).eval()
+    for m in narrow.modules():             # non-trivial BN statistics, so the copy is tested
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    meta = {"scheme": "300w68", "preprocess": Preprocess().to_meta()}
+    save_checkpoint(tmp_path / "narrow.pt", {"arch": narrow.arch, **meta,
+                                             "model": narrow.state_dict()})
+    cfg = TrainConfig(width=0.25, neck=64, heads=tuple(heads), init=str(tmp_path / "narrow.pt"))
+    wide = build_model(cfg, list(heads)).eval()
+    assert wide.arch["neck"] == 64 and wide.s3[0].out_channels == 64 != narrow.s3[0].out_channels
+    x = torch.randn(3, 3, 112, 112)
+    with torch.inference_mode():
+        a, b = narrow.forward_heads(x), wide.forward_heads(x)
+        fresh = PFLD(0, 0.25, heads=heads, neck=64).eval().forward_heads(x)
+    for k in heads:         # equal up to float order (channels_last); a fresh neck is far off
+        assert torch.allclose(a[k], b[k], atol=1e-5)
+        assert (a[k] - fresh[k]).abs().max() > 1e-2
+    save_checkpoint(tmp_path / "wide.pt", {"arch": wide.arch, **meta, "model": wide.state_dict()})
+    again = model_from_checkpoint(load_checkpoint(tmp_path / "wide.pt"))
+    assert again.arch == build(wide.arch).arch == wide.arch
+    with pytest.raises(ValueError, match="neck 4: at least 8"):
+        PFLD(0, 0.25, heads=heads, neck=4)

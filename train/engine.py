@@ -68,6 +68,7 @@ class TrainConfig:
     max_disagreement: float = 0.2        # drop pool faces whose mean flip disagreement is larger
     select_on_boxes: bool = False        # the held-out pool faces cropped from their detector
                                          # boxes join the selection mean (always logged)
+    neck: int = 0                        # PFLD's last-stage channels (0: 128 x width; train/model.py)
     family: str = "pfld"                 # pfld (coordinate regression) | heatmap (train/heatmap.py)
     hm_encoding: str = "continuous"      # heatmap targets: continuous | rounded (the baseline)
     hm_decoder: str = "local_soft_argmax"   # runtime.decode.HEATMAP_DECODERS
@@ -352,7 +353,7 @@ def _point_weights(dis: np.ndarray, tau: float) -> np.ndarray:
 
 def build_model(cfg: TrainConfig, heads: list[str]) -> PFLD:
     """The network of a run, from --init weights when given (across head layouts)."""
-    from train.model import load_partial
+    from train.model import load_partial, widen_neck
     if cfg.family == "heatmap":
         from train.heatmap import HeatmapPFLD
         if len(heads) != 1:
@@ -366,14 +367,20 @@ def build_model(cfg: TrainConfig, heads: list[str]) -> PFLD:
             print(f"--init {cfg.init}: left at their initial values: {', '.join(fresh) or 'none'}",
                   flush=True)
         return model.to(memory_format=torch.channels_last)
+    neck = cfg.neck or None
     if len(heads) == 1 and not cfg.heads:
-        model = PFLD(get_scheme(heads[0]).num_points, cfg.width)
+        model = PFLD(get_scheme(heads[0]).num_points, cfg.width, neck=neck)
     else:
-        model = PFLD(0, cfg.width, heads={h: get_scheme(h).num_points for h in heads})
+        model = PFLD(0, cfg.width, heads={h: get_scheme(h).num_points for h in heads}, neck=neck)
     if cfg.init:
         init = load_checkpoint(cfg.init)
         if init["arch"] == model.arch:
             model.load_state_dict(init["model"])
+        elif {k: v for k, v in init["arch"].items() if k != "neck"} == \
+                {k: v for k, v in model.arch.items() if k != "neck"}:
+            grown = widen_neck(model, init["model"])
+            print(f"--init {cfg.init}: neck widened to {model.arch.get('neck')} channels, "
+                  f"function kept ({', '.join(grown)})", flush=True)
         else:
             if float(init["arch"]["width"]) != cfg.width:
                 raise ValueError(f"--init {cfg.init} holds a width-{init['arch']['width']} PFLD, "

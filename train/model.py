@@ -44,13 +44,19 @@ class InvertedResidual(nn.Module):
 
 class PFLD(nn.Module):
     def __init__(self, num_points: int = 68, width: float = 1.0, input_size: int = 112,
-                 heads: dict[str, int] | None = None):
+                 heads: dict[str, int] | None = None, neck: int | None = None):
+        """neck: channels of the last (7 x 7 -> 1 x 1) stage, the only one whose features reach
+        the heads with their spatial layout (the others are averaged); default 128 x width.
+        It costs next to no latency (one 7 x 7 conv on a 7 x 7 map)."""
         super().__init__()
         if input_size != 112:
             raise ValueError("PFLD's head assumes a 112 x 112 input")
-        self.num_points, self.width = num_points, width
+        if neck is not None and neck < 8:
+            raise ValueError(f"neck {neck}: at least 8 channels")
+        self.num_points, self.width, self.neck = num_points, width, neck
         self.head_points = dict(heads) if heads else None
         c64, c128, c16, c32 = (_ch(c, width) for c in (64, 128, 16, 32))
+        cn = neck or c128
         self.stem = nn.Sequential(conv_bn(3, c64, 3, 2), conv_bn(c64, c64, 3, 1, groups=c64))
         self.block4 = nn.Sequential(InvertedResidual(c64, c64, 2, 2),
                                     *[InvertedResidual(c64, c64, 1, 2) for _ in range(4)])  # 28x28
@@ -58,15 +64,15 @@ class PFLD(nn.Module):
                                     *[InvertedResidual(c128, c128, 1, 4) for _ in range(6)],
                                     InvertedResidual(c128, c16, 1, 2))                      # 14x14
         self.s2 = conv_bn(c16, c32, 3, 2)                                                   # 7x7
-        self.s3 = nn.Sequential(nn.Conv2d(c32, c128, 7, 1, 0), nn.BatchNorm2d(c128),
+        self.s3 = nn.Sequential(nn.Conv2d(c32, cn, 7, 1, 0), nn.BatchNorm2d(cn),
                                 nn.ReLU6(inplace=True))                                      # 1x1
         if self.head_points:
-            self.heads = nn.ModuleDict({k: nn.Linear(c16 + c32 + c128, n * 2)
+            self.heads = nn.ModuleDict({k: nn.Linear(c16 + c32 + cn, n * 2)
                                         for k, n in self.head_points.items()})
             for fc in self.heads.values():
                 nn.init.constant_(fc.bias, 0.5)
         else:
-            self.fc = nn.Linear(c16 + c32 + c128, num_points * 2)
+            self.fc = nn.Linear(c16 + c32 + cn, num_points * 2)
             nn.init.constant_(self.fc.bias, 0.5)   # start from the crop centre, not the corner
         # auxiliary pose branch (training only)
         self.aux = nn.Sequential(conv_bn(c64, c128, 3, 2), conv_bn(c128, c128, 3, 1),
@@ -97,7 +103,7 @@ class PFLD(nn.Module):
     @property
     def arch(self) -> dict:
         """The 'arch' dict a checkpoint stores; build(arch) makes the same network."""
-        a = {"width": self.width, "input_size": 112}
+        a = {"width": self.width, "input_size": 112, **({"neck": self.neck} if self.neck else {})}
         if self.head_points:
             return {"heads": dict(self.head_points), **a}
         return {"num_points": self.num_points, **a}
@@ -110,7 +116,8 @@ def build(arch: dict) -> PFLD:
         return build_heatmap(arch)
     heads = arch.get("heads")
     return PFLD(int(arch.get("num_points", 0) or 68), float(arch["width"]),
-                int(arch.get("input_size", 112)), {k: int(v) for k, v in heads.items()} if heads else None)
+                int(arch.get("input_size", 112)), {k: int(v) for k, v in heads.items()} if heads else None,
+                int(arch["neck"]) if arch.get("neck") else None)
 
 
 def head_names(arch: dict) -> list[str]:
@@ -134,6 +141,30 @@ def load_partial(model: PFLD, state: dict) -> list[str]:
     fit = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(fit, strict=False)
     return [k for k in own if k not in fit]
+
+
+def widen_neck(model: PFLD, state: dict) -> list[str]:
+    """Load a PFLD with a narrower neck into `model`, preserving its function (Net2Net-style):
+    the old neck channels are copied, the new ones start at their initialisation, and the heads'
+    weights on the new features start at zero, so the network computes exactly what the old one
+    did and training grows the new channels from there. Returns the widened tensors' names."""
+    own = model.state_dict()
+    grown = []
+    for k, v in state.items():
+        if k in own and own[k].shape != v.shape and own[k].dim() == v.dim() \
+                and all(a >= b for a, b in zip(own[k].shape, v.shape)) \
+                and (k.startswith("s3.") or k.startswith("heads.") or k.startswith("fc.")):
+            t = own[k].clone()
+            if k.endswith(".weight") and (k.startswith("heads.") or k.startswith("fc.")):
+                t.zero_()
+            t[tuple(slice(0, n) for n in v.shape)] = v
+            state = {**state, k: t}
+            grown.append(k)
+    fresh = load_partial(model, state)
+    missing = [k for k in fresh if not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"widen_neck: tensors without a source: {', '.join(missing)}")
+    return grown
 
 
 def count_params(model: nn.Module, inference_only: bool = True) -> int:

@@ -55,6 +55,7 @@ def cli():
 @click.option("--disagreement-tau", default=DEFAULTS.disagreement_tau, show_default=True, help="per-point weight 1/(1+(d/tau)^2) from the teacher's flip disagreement (0: off)")
 @click.option("--max-disagreement", default=DEFAULTS.max_disagreement, show_default=True, help="drop pool faces whose mean flip disagreement (x eye distance) is larger")
 @click.option("--select-on-boxes", is_flag=True, help="the held-out pool faces cropped from their detector boxes (logged as val_<labels>_box) join the held-out mean that chooses the epoch")
+@click.option("--neck", default=DEFAULTS.neck, show_default=True, help="PFLD: channels of the last (7x7 -> 1x1) stage, whose features reach the heads with their spatial layout (0: 128 x width); an --init with a narrower neck is widened keeping its function")
 @click.option("--family", type=click.Choice(["pfld", "heatmap"]), default=DEFAULTS.family, show_default=True, help="pfld: coordinate regression; heatmap: subpixel heatmap regression (train/heatmap.py)")
 @click.option("--hm-encoding", type=click.Choice(["continuous", "rounded"]), default=DEFAULTS.hm_encoding, show_default=True, help="heatmap targets centred at the exact location or rounded to a heatmap pixel")
 @click.option("--hm-decoder", type=click.Choice(["local_soft_argmax", "argmax_quarter", "global_soft_argmax"]), default=DEFAULTS.hm_decoder, show_default=True)
