@@ -345,5 +345,7 @@ def test_widened_neck_keeps_the_function_and_round_trips(tmp_path):
     save_checkpoint(tmp_path / "wide.pt", {"arch": wide.arch, **meta, "model": wide.state_dict()})
     again = model_from_checkpoint(load_checkpoint(tmp_path / "wide.pt"))
     assert again.arch == build(wide.arch).arch == wide.arch
+    with pytest.raises(ValueError, match="wider than 32 channels cannot be widened"):
+        build_model(replace(cfg, neck=32, init=str(tmp_path / "wide.pt")), list(heads))
     with pytest.raises(ValueError, match="neck 4: at least 8"):
         PFLD(0, 0.25, heads=heads, neck=4)

@@ -27,7 +27,7 @@ from evaluation.metrics import nme_per_face, predict_faces
 from evaluation.sets import load_set, set_info
 from runtime.preprocess import Preprocess
 from runtime.schemes import get_scheme
-from train.engine import load_checkpoint, model_from_checkpoint, pool_detector_boxes, torch_predictor
+from train.engine import load_checkpoint, model_from_checkpoint, torch_predictor
 from train.refit import checkpoint_data
 
 TEACHER_SET = "wflw:test"
@@ -55,16 +55,14 @@ def fit_report(checkpoint, sample: int = 600, teacher=None, data_root=None, wflw
     pre = Preprocess.from_dict(ck["preprocess"])
     labelled = {str(f.image_path) for f in data.labelled}
     own = ck["scheme"]
+    logged = {**data.val, **data.extra}
     groups = {}          # held-out set -> (head, [(training face, its target)], held-out faces)
     for name, (faces, head) in data.val.items():
         if name in data.protocols:        # a detector-box set: scored with its pool set below
             continue
-        if name == "val":
-            train = [(it.face, it.targets[head]) for it in data.items
-                     if str(it.face.image_path) in labelled and head in it.targets]
-        else:
-            train = [(it.face, it.targets[head]) for it in data.items
-                     if str(it.face.image_path) not in labelled and head in it.targets]
+        # "val" holds out labelled faces, every other set pool faces: train on the same kind
+        train = [(it.face, it.targets[head]) for it in data.items if head in it.targets
+                 and (str(it.face.image_path) in labelled) == (name == "val")]
         groups[name] = (head, train, faces)
     out = {"checkpoint": str(checkpoint), "sample": sample, "fit": {}}
     for name, (head, train, held) in groups.items():
@@ -84,9 +82,9 @@ def fit_report(checkpoint, sample: int = 600, teacher=None, data_root=None, wflw
             "train_faces": len(faces), "train_nme": float(nme_per_face(p_tr, tgt, eyes).mean()),
             "heldout_faces": len(held),
             "heldout_nme": float(nme_per_face(p_ho, gt_ho, eyes).mean())}
-        boxed = pool_detector_boxes(held) if name != "val" else None
+        boxed = logged.get(f"{name}_box")          # prepare_data's detector-box set
         if boxed is not None:
-            p_box = predict_faces(predict, boxed, pre, "rect", progress=progress)
+            p_box = predict_faces(predict, boxed[0], pre, "rect", progress=progress)
             out["fit"][name]["heldout_box_nme"] = float(nme_per_face(p_box, gt_ho, eyes).mean())
     if teacher is not None:
         out["teacher"] = teacher_distance(model, pre, heads, teacher, wflw, progress)

@@ -253,11 +253,13 @@ def pool_detector_boxes(faces: list[D.Face]) -> list[D.Face] | None:
     if root is None:
         return None
     box = {Path(f.image_path).resolve(): f.box for f in load_pool(root)}
-    missing = [f for f in faces if Path(f.image_path).resolve() not in box]
-    if missing:
-        raise D.DataError(f"{missing[0].image_path}: not in {root / POOL_TSV}")
-    return [replace(f, rect=np.asarray(box[Path(f.image_path).resolve()], np.float32))
-            for f in faces]
+    out = []
+    for f in faces:
+        b = box.get(Path(f.image_path).resolve())
+        if b is None:
+            raise D.DataError(f"{f.image_path}: not in {root / POOL_TSV}")
+        out.append(replace(f, rect=np.asarray(b, np.float32)))
+    return out
 
 
 def prepare_data(cfg: TrainConfig) -> RunData:

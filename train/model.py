@@ -148,22 +148,23 @@ def widen_neck(model: PFLD, state: dict) -> list[str]:
     the old neck channels are copied, the new ones start at their initialisation, and the heads'
     weights on the new features start at zero, so the network computes exactly what the old one
     did and training grows the new channels from there. Returns the widened tensors' names."""
-    own = model.state_dict()
+    own, state = model.state_dict(), dict(state)
     grown = []
-    for k, v in state.items():
+    for k, v in list(state.items()):
+        head = k.startswith(("heads.", "fc."))
         if k in own and own[k].shape != v.shape and own[k].dim() == v.dim() \
                 and all(a >= b for a, b in zip(own[k].shape, v.shape)) \
-                and (k.startswith("s3.") or k.startswith("heads.") or k.startswith("fc.")):
+                and (head or k.startswith("s3.")):
             t = own[k].clone()
-            if k.endswith(".weight") and (k.startswith("heads.") or k.startswith("fc.")):
+            if head and k.endswith(".weight"):
                 t.zero_()
             t[tuple(slice(0, n) for n in v.shape)] = v
-            state = {**state, k: t}
+            state[k] = t
             grown.append(k)
-    fresh = load_partial(model, state)
-    missing = [k for k in fresh if not k.endswith("num_batches_tracked")]
+    missing = [k for k in load_partial(model, state) if not k.endswith("num_batches_tracked")]
     if missing:
-        raise ValueError(f"widen_neck: tensors without a source: {', '.join(missing)}")
+        raise ValueError(f"an --init neck wider than {model.s3[0].out_channels} channels cannot "
+                         f"be widened into it (no source for {', '.join(missing)})")
     return grown
 
 
