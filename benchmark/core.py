@@ -237,8 +237,9 @@ def _job(row: Row, cfg: BenchConfig, arrays_out: Path) -> dict:
             "accuracy": cfg.accuracy_all_threads or row.threads == cfg.threads[0] or row.role == "reference"}
 
 
-def run_isolated(job: dict, work: Path, log: Path, timeout_s: float) -> dict:
-    """Run one job in a fresh `python -m benchmark.measure` process."""
+def run_isolated(job: dict, work: Path, log: Path, timeout_s: float,
+                 command: tuple[str, ...] = ("-m", "benchmark.measure")) -> dict:
+    """Run one job in a fresh `python <command> JOB.json RESULT.json` process."""
     job_path, res_path = work / f"{job['id']}.job.json", work / f"{job['id']}.result.json"
     job_path.write_text(json.dumps(job))
     env = dict(os.environ)
@@ -250,7 +251,7 @@ def run_isolated(job: dict, work: Path, log: Path, timeout_s: float) -> dict:
     t0 = time.perf_counter()
     try:
         with open(log, "wb") as lf:
-            p = subprocess.run([sys.executable, "-m", "benchmark.measure", str(job_path), str(res_path)],
+            p = subprocess.run([sys.executable, *command, str(job_path), str(res_path)],
                                stdout=lf, stderr=subprocess.STDOUT, env=env, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"status": "error", "reason": f"timed out after {timeout_s:.0f} s (log: {log})"}

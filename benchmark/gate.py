@@ -6,8 +6,9 @@ benchmark/gates.json and exit non-zero when one is violated or missing.
 
 Gated: size on disk of each listed bundle (bytes); absolute NME ceilings per evaluation set
 (every ok row of a listed bundle and the torch reference); drift against the torch FP32 row
-per execution precision (NME difference and mean point shift); INT8 / FP32 median-latency
-ratios measured in the same run (rows paired by device, threads and execution precision).
+per execution precision (NME difference and mean point shift); INT8 / FP32 latency ratios,
+timed as pairs in one process each by benchmark/pairs.py (a ratio fails when it exceeds its
+limit by more than its own spread over rounds, or when ratio + spread reaches 1: not faster).
 Absolute latencies are never gated: shared CI machines make them noise. A listed bundle
 without an ok row, or a limit with nothing to measure, is a failure, not a pass.
 """
@@ -22,6 +23,7 @@ from pathlib import Path
 import click
 
 from common import defaults
+from benchmark.pairs import MAX_SPREAD, load_pairs
 from benchmark.records import RecordError, label, load_run
 
 HERE = Path(__file__).resolve().parent
@@ -79,7 +81,7 @@ def _pct(v):
     return f"{v * 100:.2f} %"
 
 
-def evaluate_gates(g: dict, records: list[dict]) -> list[Check]:
+def evaluate_gates(g: dict, records: list[dict], pairs: list[dict] = ()) -> list[Check]:
     checks: list[Check] = []
     model = g["model"]
     mine = [r for r in records if r.get("model") == model]
@@ -153,30 +155,38 @@ def evaluate_gates(g: dict, records: list[dict]) -> list[Check]:
                                 "missing" if v is None else f"{_pct(v)} ({worst})",
                                 v is not None and v <= lim["shift_iod"]))
 
-    # 4. INT8 / FP32 latency ratios, paired within the run
-    for pair in g.get("speed_ratio_max", []):
-        fast, base = rows_of.get(pair["int8"]), rows_of.get(pair["fp32"])
-        if fast is None or base is None:
-            fast = [r for r in mine if r["bundle"] == pair["int8"] and r["status"] == "ok"]
-            base = [r for r in mine if r["bundle"] == pair["fp32"] and r["status"] == "ok"]
-        if "exec" in pair:   # e.g. only the OpenVINO rows pinned to f32
-            fast = [r for r in fast if r["exec_precision"]["hint"] == pair["exec"]]
-        key = lambda r: (r["device"], r["threads"], r["exec_precision"]["hint"])  # noqa: E731
-        base_by = {key(r): r for r in base if r.get("latency")}
-        matched = 0
-        for r in fast:
-            b = base_by.get(key(r))
-            if b is None or not r.get("latency"):
+    # 4. INT8 / FP32 latency ratios, timed as pairs (benchmark/pairs.py): a ratio fails when it
+    # exceeds its limit by more than the pair's own spread, or when the spread is too wide to judge
+    for spec in g.get("speed_ratio_max", []):
+        what = f"{spec['int8']} vs {spec['fp32']}" + (f" (exec {spec['exec']})" if "exec" in spec else "")
+        mine_pairs = [p for p in pairs if p.get("model") == model and p["fast"] == spec["int8"]
+                      and p["base"] == spec["fp32"]
+                      and ("exec" not in spec or p["exec_hint"] == spec["exec"])]
+        lim = spec["max"]
+        limit_text = f"<= {lim:.2f} + spread"
+        if not mine_pairs:
+            checks.append(Check("speed int8/fp32", what, limit_text,
+                                "missing: no paired timing in this run (run benchmark/pairs.py --run RUN)",
+                                False))
+            continue
+        for p in mine_pairs:
+            row = f"{p['fast']} vs {p['base']} x{p['threads']}" + (
+                f" {p['exec_hint']}" if p["exec_hint"] != "default" else "")
+            if p["status"] != "ok":
+                checks.append(Check("speed int8/fp32", row, limit_text, f"error: {p['reason']}"[:160], False))
                 continue
-            matched += 1
-            ratio = r["latency"]["median_ms"] / b["latency"]["median_ms"]
-            checks.append(Check("speed int8/fp32", f"{label(r)} vs {b['bundle']}", f"<= {pair['max']:.2f}",
-                                f"{ratio:.2f} ({r['latency']['median_ms']:.2f} / {b['latency']['median_ms']:.2f} ms)",
-                                ratio <= pair["max"]))
-        if not matched:
-            what = f"{pair['int8']} vs {pair['fp32']}" + (f" (exec {pair['exec']})" if "exec" in pair else "")
-            checks.append(Check("speed int8/fp32", what, f"<= {pair['max']:.2f}",
-                                "missing: no pair of ok rows with the same device/threads/exec", False))
+            measured = (f"{p['ratio']:.3f} +- {p['spread']:.3f} "
+                        f"({p['fast_ms']:.3f} / {p['base_ms']:.3f} ms, {p['rounds']} rounds)")
+            if p["spread"] > MAX_SPREAD:
+                checks.append(Check("speed int8/fp32", row, f"spread <= {MAX_SPREAD:.2f}",
+                                    measured + ": too noisy to judge", False))
+                continue
+            # the promise within the run's noise, and INT8 measurably faster than FP32 at all
+            # (so a bundle that is not faster fails however noisy the run, even where max + spread >= 1)
+            if p["ratio"] + p["spread"] >= 1.0:
+                measured += ": not faster than FP32"
+            checks.append(Check("speed int8/fp32", row, limit_text, measured,
+                                p["ratio"] <= lim + p["spread"] and p["ratio"] + p["spread"] < 1.0))
     return checks
 
 
@@ -191,8 +201,8 @@ def format_table(checks: list[Check]) -> str:
 def gate(run_dir: str | Path, gates_path: str | Path = DEFAULT_GATES) -> tuple[bool, list[Check]]:
     """(passed, checks) for the finished run in `run_dir`; RecordError/GateError on bad input."""
     g = load_gates(gates_path)
-    _, records = load_run(run_dir)
-    checks = evaluate_gates(g, records)
+    man, records = load_run(run_dir)
+    checks = evaluate_gates(g, records, load_pairs(run_dir, man["run_id"]))
     return bool(checks) and all(c.ok for c in checks), checks
 
 
@@ -209,10 +219,18 @@ def main(run_dir, gates_path):
         click.echo(f"gate FAILED: {e}", err=True)
         sys.exit(1)
     click.echo(format_table(checks))
+    hosts = sorted({p["host"] for p in load_pairs(run_dir, load_run(run_dir)[0]["run_id"])})
+    for h in hosts:
+        click.echo(f"speed ratios timed as pairs on: {h}")
     failed = [c for c in checks if not c.ok]
     if failed:
         click.echo(f"\ngate FAILED: {len(failed)} of {len(checks)} checks\n", err=True)
         click.echo(format_table(failed), err=True)
+        g = load_gates(gates_path or DEFAULT_GATES)
+        for spec in g.get("speed_ratio_max", []):
+            if spec.get("cpu") and any(c.check == "speed int8/fp32" and c.row.startswith(spec["int8"] + " ")
+                                       for c in failed):
+                click.echo(f"note on {spec['int8']}: {spec['cpu']}", err=True)
         sys.exit(1)
     click.echo(f"\ngate passed: {len(checks)} checks")
 

@@ -1,8 +1,8 @@
 """Small helpers every stage uses, defined once: quiet converter output, package versions,
 host description, timing loops, timestamps. Stages import them from here, never from each
 other. Torch-free and engine-free."""
-from common.util import (cpu_model, host_info, host_string, now, package_versions, quiet,
-                         time_calls, time_interleaved)
+from common.util import (cpu_flags, cpu_model, host_info, host_string, now, package_versions,
+                         quiet, time_calls, time_interleaved, time_rounds)
 
-__all__ = ["cpu_model", "host_info", "host_string", "now", "package_versions", "quiet",
-           "time_calls", "time_interleaved"]
+__all__ = ["cpu_flags", "cpu_model", "host_info", "host_string", "now", "package_versions", "quiet",
+           "time_calls", "time_interleaved", "time_rounds"]

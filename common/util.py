@@ -83,7 +83,8 @@ def host_info() -> dict:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = None
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "machine": platform.machine(),
+    return {"cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+            "machine": platform.machine(),
             "os": platform.platform(), "python": platform.python_version(),
             "packages": versions, "load_avg": load, "hostname": platform.node()}
 
@@ -91,7 +92,8 @@ def host_info() -> dict:
 def host_string(h: dict) -> str:
     pk = ", ".join(f"{k} {v}" for k, v in h["packages"].items())
     load = f"; load avg {h['load_avg'][0]}" if h.get("load_avg") else ""
-    return (f"{h['cpu']}, {h['cores']} cores ({h['machine']}); {h['os']}; "
+    flags = f" [{' '.join(h['cpu_flags'])}]" if h.get("cpu_flags") else ""
+    return (f"{h['cpu']}{flags}, {h['cores']} cores ({h['machine']}); {h['os']}; "
             f"Python {h['python']}; {pk}{load}")
 
 
@@ -136,3 +138,44 @@ def time_interleaved(fns: dict, x, warmup: int, runs: int) -> dict:
             ts[k].append(time.perf_counter() - t)
     return {k: {"median_ms": float(np.median(v) * 1e3), "p90_ms": float(np.percentile(v, 90) * 1e3)}
             for k, v in ts.items()}
+
+
+def time_rounds(fns: dict, x, rounds: int, calls: int, warmup: int = 10) -> dict:
+    """Per-round median ms of several callables on the same input, timed in alternating blocks:
+    each round runs `calls` timed calls of every callable in turn, the order reversed every
+    other round (A B, B A, ...), so that a change of the machine's load or clock hits both alike.
+    Returns {name: [median ms of round 1, round 2, ...]}."""
+    names = list(fns)
+    for _ in range(warmup):
+        for k in names:
+            fns[k](x)
+    out = {k: [] for k in names}
+    for r in range(rounds):
+        for k in (names if r % 2 == 0 else names[::-1]):
+            fn, ts = fns[k], []
+            for _ in range(calls):
+                t0 = time.perf_counter_ns()
+                fn(x)
+                ts.append(time.perf_counter_ns() - t0)
+            out[k].append(float(np.median(ts)) / 1e6)
+    return out
+
+
+# CPU features an INT8 or bf16 speed-up depends on (x86: VNNI dot products, bf16/AMX units;
+# Arm: dot-product and i8mm), recorded with every speed measurement
+SPEED_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
+               "amx_bf16", "asimddp", "i8mm", "sve")
+
+
+def cpu_flags(names=SPEED_FLAGS) -> list[str]:
+    """Those of `names` this CPU reports in /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    have = set()
+    for line in text.splitlines():
+        if line.split(":")[0].strip() in ("flags", "Features"):
+            have.update(line.split(":", 1)[1].split())
+    return [n for n in names if n in have]
+

@@ -93,7 +93,7 @@ def load_wflw(root: str | Path | None = None, split: str = "test",
         img = root / WFLW_IMAGE_DIR / f[206]
         if check_images and not img.is_file():
             raise DataError(f"{path}:{n}: image {img} does not exist")
-        faces.append(Face(img, pts, rect, attrs, f"{path}:{n}"))
+        faces.append(Face(img, pts, rect, attrs, f"{path}:{n}", split_key("wflw", f[206])))
     return faces
 
 
@@ -186,7 +186,8 @@ def _rel(face: Face) -> str:
 # the root the split was first drawn on, where it hashed the path as read. Keeping that string
 # as a constant keeps the held-out faces (and every choice made on them: the shipped models'
 # epochs, the ablations) identical in every checkout and on every machine.
-SPLIT_PREFIX = {"300w": "/work/shared/300w/", "pool": "../shared/wider_unlabeled/images/"}
+SPLIT_PREFIX = {"300w": "/work/shared/300w/", "pool": "../shared/wider_unlabeled/images/",
+                "wflw": "wflw/WFLW_images/"}
 
 
 def split_key(kind: str, relative: str | Path) -> str:
@@ -207,6 +208,13 @@ def holdout_split(faces: list[Face], fraction: float) -> tuple[list[Face], list[
 
 
 HELDOUT_FRACTION = 0.05     # train's default val_fraction: the 300-W faces no model trains on
+WFLW_HELDOUT_FRACTION = 0.10   # the WFLW train faces no model trains on (selection only)
+
+
+def wflw_train_split(root: str | Path | None = None) -> tuple[list[Face], list[Face]]:
+    """(train, held out) of the WFLW train faces: the hash split of `holdout_split` on each
+    image path relative to WFLW_images/, at WFLW_HELDOUT_FRACTION (about 180 of 1,825)."""
+    return holdout_split(load_wflw(root, "train"), WFLW_HELDOUT_FRACTION)
 
 
 def calibration_split(faces: list[Face], every: int = 3) -> tuple[list[Face], list[Face]]:

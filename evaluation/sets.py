@@ -45,6 +45,14 @@ SETS: dict[str, SetInfo] = {s.key: s for s in [
             "(evaluation.data.calibration_split), disjoint from wflw:calib"),
     SetInfo("wflw:calib", "WFLW calib", "WFLW cal", "wflw98", ("rect", "landmarks"), _wflw_part(0),
             "WFLW calibration faces: crc32(...) % 3 == 0; INT8 calibration only"),
+    SetInfo("wflw:train", "WFLW train", "WFLW trn", "wflw98", ("landmarks",),
+            lambda root: D.load_wflw(root, "train"),
+            "every WFLW train face in the folder (1,825 in ../shared/wflw, real 98-point labels; "
+            "its rectangle column is the landmark extent, so only the landmark crop); never a test set"),
+    SetInfo("wflw:heldout", "WFLW held-out training faces", "WFLW held", "wflw98", ("landmarks",),
+            lambda root: D.wflw_train_split(root)[1],
+            "the WFLW train faces training holds out for model selection (crc32 of the image path "
+            "relative to WFLW_images/, evaluation.data.wflw_train_split); never a test set"),
     SetInfo("300w:helen_test", "HELEN test", "HELEN", "300w68", ("landmarks",),
             lambda root: D.load_300w(root, "helen_test"), "300-W HELEN test faces (330)"),
     SetInfo("300w:common_test", "300-W common test", "300W cmn", "300w68", ("landmarks",),

@@ -329,6 +329,17 @@ def test_gate_passes_within_limits_and_fails_with_a_table(tiny_run, tmp_path):
         p.write_text(json.dumps(g))
         return runner.invoke(gate.main, ["--run", str(out), "--gates", str(p)])
 
+    if _ok(records, bundle="onnx_int8"):     # without the paired timing, a speed ratio is missing
+        res = run_gate(_gates(records, model))
+        assert res.exit_code == 1 and "no paired timing" in res.output
+        from benchmark.pairs import measure_pairs
+        p = tmp_path / "gates.json"
+        p.write_text(json.dumps(_gates(records, model)))
+        pairs = measure_pairs(out, p, rounds=3, calls=3, processes=2, warmup=1, echo=lambda s: None)
+        assert [(q["fast"], q["base"], q["status"]) for q in pairs] == [("onnx_int8", "onnx_sim_fp32", "ok")]
+        assert pairs[0]["rounds"] == 6 and len(pairs[0]["ratio_per_process"]) == 2
+        assert pairs[0]["fast_ms"] > 0 and pairs[0]["base_ms"] > 0 and pairs[0]["spread"] >= 0
+
     res = run_gate(_gates(records, model))
     assert res.exit_code == 0, res.output
     assert "gate passed" in res.output and "size bytes" in res.output
@@ -359,6 +370,48 @@ def test_gate_passes_within_limits_and_fails_with_a_table(tiny_run, tmp_path):
         g = _gates(records, model, speed_ratio_max=[{"int8": "onnx_int8", "fp32": "onnx_sim_fp32", "max": 1e-6}])
         res = run_gate(g)
         assert res.exit_code == 1 and "speed int8/fp32" in res.output
+
+
+def _pair(ratio, spread, **kw):
+    return {"model": "m", "fast": "onnx_int8", "base": "onnx_sim_fp32", "exec_hint": "default",
+            "threads": 1, "status": "ok", "ratio": ratio, "spread": spread, "fast_ms": ratio,
+            "base_ms": 1.0, "rounds": 36, **kw}
+
+
+@pytest.mark.parametrize("ratio, spread, ok, why", [
+    (0.70, 0.02, True, ""),                 # under the limit
+    (0.81, 0.02, True, ""),                 # over it, but within the run's own spread
+    (0.85, 0.02, False, ""),                # over it by more than the spread
+    (1.00, 0.01, False, "not faster"),      # an INT8 bundle no faster than FP32
+    (0.50, 0.20, False, "too noisy"),       # a spread that cannot tell pass from fail
+    (0.93, 0.08, False, "not faster"),      # under max 0.95 + spread, but not surely faster at all
+])
+def test_speed_ratio_is_judged_against_its_own_spread(ratio, spread, ok, why):
+    from benchmark.gate import evaluate_gates
+    g = {"model": "m", "bundles": {},
+         "speed_ratio_max": [{"int8": "onnx_int8", "fp32": "onnx_sim_fp32",
+                              "max": 0.95 if ratio > 0.9 and spread > 0.05 else 0.8}]}
+    rows = [{"model": "m", "bundle": "x", "status": "ok"}]
+    checks = [c for c in evaluate_gates(g, rows, [_pair(ratio, spread)]) if c.check == "speed int8/fp32"]
+    assert len(checks) == 1 and checks[0].ok is ok and why in checks[0].measured
+    # no pair record, or a pair of another exec hint, is a failure, never a pass
+    g["speed_ratio_max"][0]["exec"] = "f32"
+    checks = [c for c in evaluate_gates(g, rows, [_pair(0.5, 0.0)]) if c.check == "speed int8/fp32"]
+    assert len(checks) == 1 and not checks[0].ok and "missing" in checks[0].measured
+
+
+def test_paired_rounds_alternate_and_summarize():
+    from benchmark.pairs import summarize
+    from common import time_rounds
+    order = []
+    ms = time_rounds({"a": lambda _: order.append("a"), "b": lambda _: order.append("b")}, None,
+                     rounds=4, calls=2, warmup=0)
+    assert order == list("aabb" "bbaa" "aabb" "bbaa") and len(ms["a"]) == len(ms["b"]) == 4
+    s = summarize([{"fast": [1.0, 1.0, 2.0], "base": [2.0, 2.0, 2.0]},
+                   {"fast": [1.2, 1.0, 1.0], "base": [2.0, 2.0, 2.0]}])
+    assert s["ratio"] == pytest.approx(0.5) and s["rounds"] == 6
+    assert s["ratio_max"] == pytest.approx(1.0) and s["ratio_per_process"] == pytest.approx([0.5, 0.5])
+    assert s["spread"] == pytest.approx((0.575 - 0.5) / 2)
 
 
 def test_gate_without_a_finished_run_fails(tmp_path):

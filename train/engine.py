@@ -66,6 +66,10 @@ class TrainConfig:
     disagreement_tau: float = 0.0        # per-point weight 1 / (1 + (d / tau)^2) from the
                                          # teacher's flip disagreement d (0: off)
     max_disagreement: float = 0.2        # drop pool faces whose mean flip disagreement is larger
+    real: tuple[str, ...] = ()           # extra really labelled sets mixed in (REAL_SETS keys,
+                                         # e.g. "wflw:train"), each with its own hash hold-out;
+                                         # a pool face that is one of their faces is dropped
+    real_repeat: int = 1                 # each real face appears this many times an epoch
     select_on_boxes: bool = False        # the held-out pool faces cropped from their detector
                                          # boxes join the selection mean (always logged)
     neck: int = 0                        # PFLD's last-stage channels (0: 128 x width; train/model.py)
@@ -231,6 +235,25 @@ class RunData:
                                                              # (default "landmarks")
 
 
+# Really labelled sets a run can mix in (--real): key -> (scheme, (train, held out) loader)
+REAL_SETS = {"wflw:train": ("wflw98", D.wflw_train_split)}
+
+
+def _real_sets(cfg: TrainConfig, heads: list[str]) -> list[tuple[str, str, list, list]]:
+    """[(key, scheme, train faces, held-out faces)] of cfg.real."""
+    out = []
+    for key in cfg.real:
+        if key not in REAL_SETS:
+            raise ValueError(f"--real {key!r}: not a known labelled set (known: {', '.join(REAL_SETS)})")
+        scheme, split = REAL_SETS[key]
+        if scheme not in heads:
+            raise ValueError(f"--real {key} has {scheme} labels but the heads are {', '.join(heads)}; "
+                             f"add --heads ...,{scheme}")
+        tr, ho = split(None)
+        out.append((key, scheme, tr[:cfg.limit_faces] if cfg.limit_faces else tr, ho))
+    return out
+
+
 def _pool_faces(labels: dict, scheme: str) -> list[D.Face]:
     """Pool faces with their teacher points; the hold-out key is each path relative to the
     folder all of them share, so the split does not depend on where the pool lies."""
@@ -311,8 +334,36 @@ def prepare_data(cfg: TrainConfig) -> RunData:
                                  "(a --labels file for them)")
             pmap = PointMap.fit(np.stack([it.targets[pools[0][2]] for it in paired]),
                                 np.stack([it.targets[own] for it in paired]))
+    real_faces = []
+    for key, scheme, tr, ho in _real_sets(cfg, heads):
+        k = get_scheme(scheme).num_points
+        for f in tr:
+            t, wt = {scheme: f.points}, {scheme: np.ones(k, np.float32)}
+            if pmap is not None and own != scheme:      # the own head learns them mapped, as pool faces
+                t[own], wt[own] = pmap(f.points), np.ones(k_own, np.float32)
+            items.extend(Item(f, t, wt) for _ in range(max(1, cfg.real_repeat)))
+        if ho:
+            data.val[f"val_{key.split(':')[0]}"] = (ho, scheme)
+        real_faces += tr + ho
+        data.notes[key] = (f"{len(tr)} real {scheme} faces to train (x{max(1, cfg.real_repeat)} an "
+                           f"epoch), {len(ho)} held out")
     for stem, lab, scheme, w in pools:
         keep = lab["dis_flip"].mean(1) <= cfg.max_disagreement
+        n_disagree = int((~keep).sum())
+        if real_faces:      # the real label wins: drop pool faces that are one of the real faces
+            from train.pseudo_label import load_pool
+            from train.samefaces import same_faces
+            pool_faces = _pool_faces(lab, scheme)
+            root = next((d for d in Path(pool_faces[0].image_path).resolve().parents
+                         if (d / "faces.tsv").is_file()), None) if pool_faces else None
+            if root is not None:
+                wanted = {str(Path(f.image_path).resolve()) for f in pool_faces}
+                pf = [p for p in load_pool(root) if str(Path(p.image_path).resolve()) in wanted]
+                same = {str(Path(p).resolve()) for p in same_faces(real_faces, pf)}
+                real_same = np.array([str(Path(f.image_path).resolve()) in same for f in pool_faces])
+                keep = keep & ~real_same
+                data.notes[f"{stem} same as real"] = (f"{int(real_same.sum())} pool faces dropped: "
+                                                      "the same face has a real label")
         faces = [f for f, k in zip(_pool_faces(lab, scheme), keep) if k]
         weights = {f.source: wp for f, wp in zip(_pool_faces(lab, scheme), w)}
         tr, ho = split_holdout(faces, cfg.val_fraction)
@@ -332,7 +383,7 @@ def prepare_data(cfg: TrainConfig) -> RunData:
                 (data.val if cfg.select_on_boxes else data.extra)[name] = (boxed, scheme)
                 data.protocols[name] = "rect"
         data.notes[stem] = (f"{len(tr)} pool faces to train, {len(ho)} held out, "
-                            f"{int((~keep).sum())} dropped (disagreement > {cfg.max_disagreement})")
+                            f"{n_disagree} dropped (disagreement > {cfg.max_disagreement})")
     if pools and pmap is not None:
         data.notes["pool_68"] = cfg.pool_68
         data.pool_map = pmap

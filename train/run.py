@@ -50,6 +50,8 @@ def cli():
 @click.option("--aug-occlude", default=DEFAULTS.augment.occlude_p, show_default=True, help="probability of a random occluder")
 @click.option("--heads", default="", help="comma list of point schemes with a head each, e.g. 300w68,wflw98 [default: one head of the dataset's scheme]")
 @click.option("--labels", "labels", multiple=True, help="teacher label file stem from `pseudo-label` (repeatable): for the training faces, or a pool of extra faces")
+@click.option("--real", "real", multiple=True, help="a really labelled set mixed into training, with its own held-out part in the selection (repeatable; train.engine.REAL_SETS, e.g. wflw:train); pool faces that are one of its faces are dropped")
+@click.option("--real-repeat", default=DEFAULTS.real_repeat, show_default=True, help="each --real face appears this many times an epoch")
 @click.option("--pool-68", type=click.Choice(["none", "index", "linear"]), default=DEFAULTS.pool_68, show_default=True, help="68-point targets of pool faces: none, the 98 -> 68 index map, or a linear map fitted on the training faces")
 @click.option("--head-weights", default="", help="comma list of loss weights, one per head [default: 1 each]")
 @click.option("--disagreement-tau", default=DEFAULTS.disagreement_tau, show_default=True, help="per-point weight 1/(1+(d/tau)^2) from the teacher's flip disagreement (0: off)")
@@ -66,6 +68,7 @@ def fit(aug_scale, aug_rotate, aug_occlude, heads, head_weights, **kw):
     kw["width"] = float(kw["width"])
     kw["eval_sets"] = tuple(kw["eval_sets"])
     kw["labels"] = tuple(kw["labels"])
+    kw["real"] = tuple(kw["real"])
     kw["heads"] = tuple(h.strip() for h in heads.split(",") if h.strip())
     kw["head_weights"] = tuple(float(w) for w in head_weights.split(",") if w.strip())
     aug = AugmentConfig(scale=tuple(aug_scale), rotate=aug_rotate, occlude_p=aug_occlude)
@@ -220,7 +223,9 @@ def point_map_cmd(labels, val_fraction, ridge):
 @click.option("--pool-68", type=click.Choice(["index", "linear"]), default=None, help="the pool faces' 68-point targets for scoring [default: as the checkpoint trained]; e.g. linear for a run trained with --pool-68 none")
 @click.option("--select-on-boxes/--no-select-on-boxes", default=None, help="also score candidates on the held-out pool faces cropped from their detector boxes [default: as the checkpoint trained]")
 @click.option("--threads", default=1, show_default=True)
-def refit_head_cmd(checkpoint, head, out, report, no_pool, pool_68, select_on_boxes, threads):
+@click.option("--replace-shipped", is_flag=True, help="allow --out to be a shipped model (a checkpoint git tracks)")
+def refit_head_cmd(checkpoint, head, out, report, no_pool, pool_68, select_on_boxes, threads,
+                   replace_shipped):
     """Refit HEAD as a linear map of the heads' outputs (fitted on the training faces, chosen
     on the held-out ones, folded into the head's weights: same network, same latency)."""
     import torch
@@ -228,8 +233,10 @@ def refit_head_cmd(checkpoint, head, out, report, no_pool, pool_68, select_on_bo
     from runtime.bundle import atomic_write_json
     from train.engine import save_checkpoint
     from train.refit import refit_head
+    from train.ship import refuse_shipped
     torch.set_num_threads(threads)
     try:
+        refuse_shipped(out, replace_shipped)
         ck, rep = refit_head(checkpoint, head, pool=not no_pool, pool_68=pool_68,
                              select_on_boxes=select_on_boxes)
     except (ValueError, FileNotFoundError) as e:
