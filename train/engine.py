@@ -70,6 +70,8 @@ class TrainConfig:
                                          # e.g. "wflw:train"), each with its own hash hold-out;
                                          # a pool face that is one of their faces is dropped
     real_repeat: int = 1                 # each real face appears this many times an epoch
+    real_mapped: bool = False            # also train the own head on real faces through the
+                                         # pool's 98 -> 68 map (off: only their own scheme's head)
     select_on_boxes: bool = False        # the held-out pool faces cropped from their detector
                                          # boxes join the selection mean (always logged)
     neck: int = 0                        # PFLD's last-stage channels (0: 128 x width; train/model.py)
@@ -339,7 +341,7 @@ def prepare_data(cfg: TrainConfig) -> RunData:
         k = get_scheme(scheme).num_points
         for f in tr:
             t, wt = {scheme: f.points}, {scheme: np.ones(k, np.float32)}
-            if pmap is not None and own != scheme:      # the own head learns them mapped, as pool faces
+            if cfg.real_mapped and pmap is not None and own != scheme:   # mapped, as pool faces
                 t[own], wt[own] = pmap(f.points), np.ones(k_own, np.float32)
             items.extend(Item(f, t, wt) for _ in range(max(1, cfg.real_repeat)))
         if ho:

@@ -51,6 +51,7 @@ def cli():
 @click.option("--heads", default="", help="comma list of point schemes with a head each, e.g. 300w68,wflw98 [default: one head of the dataset's scheme]")
 @click.option("--labels", "labels", multiple=True, help="teacher label file stem from `pseudo-label` (repeatable): for the training faces, or a pool of extra faces")
 @click.option("--real", "real", multiple=True, help="a really labelled set mixed into training, with its own held-out part in the selection (repeatable; train.engine.REAL_SETS, e.g. wflw:train); pool faces that are one of its faces are dropped")
+@click.option("--real-mapped", is_flag=True, help="also train the dataset's own head on the --real faces through the pool's 98 -> 68 map (default: only the head of their own scheme)")
 @click.option("--real-repeat", default=DEFAULTS.real_repeat, show_default=True, help="each --real face appears this many times an epoch")
 @click.option("--pool-68", type=click.Choice(["none", "index", "linear"]), default=DEFAULTS.pool_68, show_default=True, help="68-point targets of pool faces: none, the 98 -> 68 index map, or a linear map fitted on the training faces")
 @click.option("--head-weights", default="", help="comma list of loss weights, one per head [default: 1 each]")
