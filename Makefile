@@ -157,8 +157,8 @@ train-student-wflw: labels
 		mkdir -p $(WFLW_RUN) && cp resume/student_wflw_w05/* $(WFLW_RUN)/; fi
 	$(PY) train/run.py fit --dataset 300w --width 0.5 --neck 256 --heads 300w68,wflw98 \
 		--labels $(LABELS)/300w_train --labels $(LABELS)/wider --real wflw:train --real-repeat 2 \
-		--init models/student_w05.pt --epochs 30 --batch-size 32 --lr 5e-4 \
-		--aug-scale 1.1 1.45 --aug-rotate 20 --aug-occlude 0.15 --disagreement-tau 0.1 \
+		--init models/student_w05.pt --epochs 16 --batch-size 32 --lr 2e-4 \
+		--aug-scale 1.15 1.35 --aug-rotate 15 --aug-occlude 0.05 --disagreement-tau 0.1 \
 		--ema 0.998 --threads 1 --out $(WFLW_RUN)
 
 # The heatmap family's ablation at our scale (README: heatmap section): same backbone, width,
