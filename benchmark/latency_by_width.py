@@ -57,7 +57,7 @@ def _int8_of_width(width: float, work: Path, calib: np.ndarray, neck: int = 0) -
               help="other bundles to time in the same run (e.g. artifacts/pfld68_w05/onnx_int8)")
 @click.option("--out", default="artifacts/latency_by_width.json", show_default=True)
 def main(teacher, widths, necks, runs, also, out):
-    calib_faces = scored_set("wflw:calib/rect").faces()
+    calib_faces = scored_set("wflw:calib").faces()
     lm = Landmarker.open(teacher, threads=1)
     calib = face_batch(calib_faces, lm.pre, "rect")
     x1 = calib[:1]

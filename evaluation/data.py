@@ -217,6 +217,18 @@ def wflw_train_split(root: str | Path | None = None) -> tuple[list[Face], list[F
     return holdout_split(load_wflw(root, "train"), WFLW_HELDOUT_FRACTION)
 
 
+WFLW_CALIB_EVERY = 8   # one in 8 of the WFLW training faces (not held out) calibrates INT8
+
+
+def wflw_calibration(root: str | Path | None = None) -> list[Face]:
+    """The INT8 calibration faces: WFLW train faces that training keeps (not the held-out part
+    selection uses) whose crc32 of the hold-out key is divisible by WFLW_CALIB_EVERY (about 200
+    of 1,630), in annotation order. No test face is among them."""
+    import zlib
+    kept, _ = wflw_train_split(root)
+    return [f for f in kept if zlib.crc32(f.key.encode()) % WFLW_CALIB_EVERY == 0]
+
+
 def calibration_split(faces: list[Face], every: int = 3) -> tuple[list[Face], list[Face]]:
     """Split faces into (calibration, evaluation), disjoint and deterministic.
 

@@ -56,10 +56,11 @@ def checkpoint_data(ck: dict, checkpoint, data_root=None, pool: bool = True,
     from train.engine import TrainConfig, prepare_data
     c = ck.get("config") or {}
     keep = ("dataset", "train_split", "val_fraction", "limit_faces", "heads", "pool_68",
-            "disagreement_tau", "max_disagreement", "select_on_boxes")
+            "disagreement_tau", "max_disagreement", "select_on_boxes", "real", "real_repeat")
     over = {k: v for k, v in (("pool_68", pool_68), ("select_on_boxes", select_on_boxes))
             if v is not None}
-    cfg = TrainConfig(**{**{k: c[k] for k in keep if k in c}, **over}, data_root=data_root,
+    saved = {k: tuple(c[k]) if isinstance(c[k], list) else c[k] for k in keep if k in c}
+    cfg = TrainConfig(**{**saved, **over}, data_root=data_root,
                       labels=tuple(c.get("labels", ())) if pool else ())
     for stem in cfg.labels:
         if not Path(f"{stem}.npz").is_file():
