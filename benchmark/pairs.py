@@ -208,12 +208,12 @@ def load_pairs(run_dir: str | Path, run_id: str) -> list[dict]:
 @click.option("--warmup", default=WARMUP, help="untimed calls of each model first")
 def main(run_dir, gates_path, rounds, calls, processes, warmup):
     """Time the INT8/FP32 pairs of the gated speed ratios against each other."""
-    from benchmark.gate import DEFAULT_GATES, GateError
-    from benchmark.records import RecordError
+    from benchmark.gate import DEFAULT_GATES
+    from runtime.errors import LandmarkError
     try:
         measure_pairs(run_dir, gates_path or DEFAULT_GATES, rounds, calls, processes, warmup,
                       echo=click.echo)
-    except (RecordError, GateError) as e:
+    except LandmarkError as e:
         raise click.ClickException(str(e)) from None
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from runtime.errors import LandmarkError
 
 REPO = Path(__file__).resolve().parents[1]
 WFLW_ATTRIBUTES = ("pose", "expression", "illumination", "makeup", "occlusion", "blur")
@@ -21,7 +22,7 @@ WFLW_LIST_DIR = Path("WFLW_annotations/list_98pt_rect_attr_train_test")
 WFLW_IMAGE_DIR = Path("WFLW_images")
 
 
-class DataError(Exception):
+class DataError(LandmarkError):
     """Malformed or missing data; the message names the file (and line) at fault."""
 
 

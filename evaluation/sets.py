@@ -17,6 +17,7 @@ from typing import Callable
 
 from evaluation import data as D
 from evaluation.metrics import PROTOCOLS
+from runtime.errors import LandmarkError
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ SETS: dict[str, SetInfo] = {s.key: s for s in [
 ]}
 
 
-class SetError(ValueError):
+class SetError(LandmarkError, ValueError):
     """An evaluation set name that is not registered nor a usable folder."""
 
 

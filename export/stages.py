@@ -42,6 +42,7 @@ from runtime.bundle import (BundleError, BundleMeta, InputSpec, Lineage, OutputS
 from runtime.decode import Landmarker
 from runtime.engines import ENGINES, EngineUnavailable
 from runtime.preprocess import Preprocess
+from runtime.errors import LandmarkError
 
 REPO = Path(__file__).resolve().parents[1]
 TOL_FP32 = 1e-4          # max |diff| on crop-normalised coordinates (0.011 px of a 112 crop)
@@ -55,7 +56,7 @@ REPORT = "export_report.json"                                               # n-
 SOURCE = "source"        # the lineage root: the checkpoint's torch model, or the imported file
 
 
-class ExportError(Exception):
+class ExportError(LandmarkError):
     """A conversion or its parity check failed; the message names the target and the figures."""
 
 

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from runtime.errors import ConfigError, LandmarkError
 
 
-class DetectorError(RuntimeError):
+class DetectorError(LandmarkError, RuntimeError):
     """A detector cannot be built (missing cascade/model file, unsupported OpenCV)."""
 
 
@@ -178,7 +179,7 @@ class HaarDetector:
             raise DetectorError(f"unknown Haar stage(s) {', '.join(unknown)}; known: "
                                 f"{', '.join(HAAR_STAGES)}")
         if not 0 < min_face <= 1:
-            raise ValueError(f"min_face must be in (0, 1], got {min_face}")
+            raise ConfigError(f"min_face must be in (0, 1], got {min_face}")
         folder = _cascade_dir()
         self.stages = [HAAR_STAGES[c] for c in chain]
         self.cascades: dict[str, cv2.CascadeClassifier] = {}

@@ -8,7 +8,6 @@ held-out 300-W, WFLW-train and pool faces. No test face is scored. Team tool.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
