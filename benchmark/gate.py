@@ -2,7 +2,7 @@
 benchmark/gates.json and exit non-zero when one is violated or missing.
 
     python benchmark/run.py --backend all --threads 1      # measure (see `make gate`)
-    python benchmark/gate.py                               # check artifacts/pfld68_w05/benchmark
+    python benchmark/gate.py                               # check artifacts/student_w05/benchmark
 
 Gated: size on disk of each listed bundle (bytes); absolute NME ceilings per evaluation set
 (every ok row of a listed bundle and the torch reference); drift against the torch FP32 row

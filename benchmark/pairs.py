@@ -12,8 +12,8 @@ fresh processes; each loads both models and runs ROUNDS rounds of CALLS calls of
 order reversed every other round. The ratio is the median of the per-round ratios; its spread
 is half the interquartile range of those ratios, over all processes, so noise between
 processes counts too. benchmark/gate.py fails a ratio that exceeds its limit by more than that
-spread, a ratio whose spread reaches 1 (INT8 not measurably faster: so a regression fails
-however noisy the run), and a pair too noisy to judge (spread over MAX_SPREAD).
+spread, a ratio that with its spread reaches 1 (ratio + spread >= 1: INT8 not measurably
+faster, so a regression fails however noisy the run), and a pair too noisy to judge (spread over MAX_SPREAD).
 
 Writes RUN/pairs/<id>.json (one record per pair, with every round and the CPU flags).
 """

@@ -6,7 +6,7 @@
         for face in pipe.process(frame):
             face["points"], face["pose"], face["ms"]
 
-run.py is a thin CLI over this class; runtime/measure.py times it. Depends on numpy, opencv and
+run.py is a thin CLI over this class; benchmark/runtime_measure.py times it. Depends on numpy, opencv and
 one engine only (never torch). Set cv2.setNumThreads yourself if OpenCV's own threads matter
 (run.py sets it to --threads).
 """

@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_dry_run_names_the_plan(tmp_path, tiny_bundle):
-    p = subprocess.run([sys.executable, str(REPO / "benchmark" / "arm_check.py"), "--dry-run",
+    p = subprocess.run([sys.executable, str(REPO / "benchmark" / "arm" / "check.py"), "--dry-run",
                         "--bundles", str(tiny_bundle.parent), "--cache", str(tmp_path / "c")],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
@@ -28,7 +28,7 @@ def test_dry_run_names_the_plan(tmp_path, tiny_bundle):
 
 
 def test_pi_like_cpu_files_and_quoting(tmp_path):
-    from benchmark.arm_check import _q, fake_cpu
+    from benchmark.arm.check import _q, fake_cpu
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     info = fake_cpu(root, "cortex-a72").read_text()
@@ -40,7 +40,7 @@ def test_pi_like_cpu_files_and_quoting(tmp_path):
 
 
 def test_compare_scores_arm_outputs_against_x86(tiny_bundle):
-    from benchmark.arm_check import compare, crops_for, face_sample
+    from benchmark.arm.check import compare, crops_for, face_sample
     from runtime.bundle import BundleMeta
     from runtime.decode import Landmarker
     meta = BundleMeta.load(tiny_bundle)
@@ -76,7 +76,7 @@ def test_arm_drift_is_the_x86_drift_plus_what_arm_changes(tiny_bundle, tmp_path)
     budget applies to that sum, and the noisier INT8-vs-FP32 figure on the sample is kept."""
     import shutil
 
-    from benchmark.arm_check import compare, crops_for, face_sample
+    from benchmark.arm.check import compare, crops_for, face_sample
     from runtime.bundle import BundleMeta
     from runtime.decode import Landmarker
     model = tmp_path / "m"

@@ -19,8 +19,7 @@ NOT_ERRORS = {"TargetSkipped"}      # control flow (a target this machine cannot
 def _error_classes():
     for pkg in PACKAGES:
         for m in pkgutil.iter_modules(importlib.import_module(pkg).__path__):
-            if m.name in ("run", "arm_check", "runtime_vs", "runtime_measure", "latency_by_width",
-                          "calibrate_detector", "measure", "pairs"):
+            if m.name in ("run", "runtime_vs", "runtime_measure", "measure", "pairs"):
                 continue       # scripts: their error types are click exceptions
             try:
                 mod = importlib.import_module(f"{pkg}.{m.name}")

@@ -1,7 +1,7 @@
 """INT8 latency of the two-head PFLD at each width against the teacher's FP32 latency, in one run.
 
-    python benchmark/latency_by_width.py --teacher artifacts/pfld_ghostone/onnx_sim_fp32
-    python benchmark/latency_by_width.py --teacher ... --widths 0.5 --necks 0,256   # neck widths
+    python tools/latency_by_width.py --teacher artifacts/pfld_ghostone/onnx_sim_fp32
+    python tools/latency_by_width.py --teacher ... --widths 0.5 --necks 0,256   # neck widths
 
 Latency does not depend on the weights, so each width is a freshly initialised two-head
 (68 + 98) PFLD, exported to ONNX and quantized by the onnxruntime backend on the real WFLW

@@ -2,9 +2,9 @@
 Debian bookworm arm64 root under qemu-user, as on Raspberry Pi OS bookworm: Python 3.11.2,
 glibc 2.36), on real faces, compared with the same bundles on this x86 host.
 
-    make arm-check                        # = python benchmark/arm_check.py --install-tools
-    python benchmark/arm_check.py --cpu cortex-a72 --bundles artifacts/pfld68_w05
-    python benchmark/arm_check.py --dry-run     # the plan: what would be built, run, written
+    make arm-check                        # = python benchmark/arm/check.py --install-tools
+    python benchmark/arm/check.py --cpu cortex-a72 --bundles artifacts/pfld68_w05
+    python benchmark/arm/check.py --dry-run     # the plan: what would be built, run, written
 
 Steps: (1) host tools (qemu-user-static, debootstrap; `--install-tools` apt-installs them);
 (2) a cached arm64 root in --cache (debootstrap, built once into a temporary folder and renamed
@@ -37,7 +37,7 @@ import numpy as np
 
 from common import defaults
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
 PACKAGES = "python3,python3-venv,python3-pip,ca-certificates,libgomp1"
