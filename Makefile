@@ -82,11 +82,13 @@ ghostone: venv
 	$(PY) quantize/run.py --bundle-dir $(GHOST) --backend openvino
 
 # The shipped model, the imported teacher and the heatmap model in one table, one run, 1 thread,
-# on every WFLW test face (505, both crop protocols) and HELEN
+# on every WFLW test face (505, both crop protocols) and HELEN, with the held-out training faces
+# (selection only) beside them
 compare: quantize ghostone heatmap-bundles
 	$(PY) benchmark/run.py --backend all --threads 1 --bundles $(ART) --bundles $(GHOST) \
 		--bundles $(HM_ART) --checkpoint $(MODEL) --eval-set wflw:test/rect \
-		--eval-set wflw:test/landmarks --eval-set 300w:helen_test/landmarks --out artifacts/compare
+		--eval-set wflw:test/landmarks --eval-set 300w:helen_test/landmarks \
+		--eval-set wflw:heldout/landmarks --eval-set 300w:heldout/landmarks --out artifacts/compare
 
 # INT8 with the ARM preset (symmetric s8 activations) beside the x86 one, from the same FP32 bundles
 quantize-arm: export
