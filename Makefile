@@ -76,17 +76,19 @@ train: venv
 
 # An outside model as first-class bundles: PFLD-GhostOne (Apache-2.0, ../shared/teachers), imported
 # with its spec, then INT8 on OpenVINO (onnxruntime's INT8 misses the budget on this model: run
-# `quantize/run.py --bundle-dir $(GHOST)` to see the figures; TFLite needs onnx2tf, see README)
+# `quantize/run.py --bundle-dir $(GHOST)` to see the figures; TFLite needs onnx2tf, see docs/import.md)
 ghostone: venv
 	$(PY) export/run.py --import $(TEACHER) --spec specs/pfld_ghostone.json --out $(GHOST)
 	$(PY) quantize/run.py --bundle-dir $(GHOST) --backend openvino
 
 # The shipped model, the imported teacher and the heatmap model in one table, one run, 1 thread,
-# on every WFLW test face (505, both crop protocols) and HELEN
+# on every WFLW test face (505, both crop protocols) and HELEN, with the held-out training faces
+# (selection only) beside them
 compare: quantize ghostone heatmap-bundles
 	$(PY) benchmark/run.py --backend all --threads 1 --bundles $(ART) --bundles $(GHOST) \
 		--bundles $(HM_ART) --checkpoint $(MODEL) --eval-set wflw:test/rect \
-		--eval-set wflw:test/landmarks --eval-set 300w:helen_test/landmarks --out artifacts/compare
+		--eval-set wflw:test/landmarks --eval-set 300w:helen_test/landmarks \
+		--eval-set wflw:heldout/landmarks --eval-set 300w:heldout/landmarks --out artifacts/compare
 
 # INT8 with the ARM preset (symmetric s8 activations) beside the x86 one, from the same FP32 bundles
 quantize-arm: export
@@ -95,9 +97,9 @@ quantize-arm: export
 	$(PY) quantize/run.py --bundle-dir $(ART)-armpreset --preset arm
 
 # Every bundle on emulated aarch64 (Raspberry Pi OS bookworm: Debian arm64 root, qemu-user,
-# Cortex-A76 = Pi 5), compared with x86; the root is cached in ~/.cache/landmark-arm (README: ARM)
+# Cortex-A76 = Pi 5), compared with x86; the root is cached in ~/.cache/landmark-arm (docs/arm.md)
 arm-check: quantize quantize-arm
-	$(PY) benchmark/arm_check.py --install-tools --bundles $(ART) --bundles $(ART)-armpreset
+	$(PY) benchmark/arm/check.py --install-tools --bundles $(ART) --bundles $(ART)-armpreset
 
 # MediaPipe face mesh in its own venv, for the side-by-side runtime comparison only
 peers: .venv-peers/.installed
@@ -106,7 +108,7 @@ peers: .venv-peers/.installed
 	.venv-peers/bin/pip install --quiet -r benchmark/peers/requirements.txt
 	touch $@
 
-# Our runtime and MediaPipe's face mesh, same inputs, same core, interleaved (README: Runtime)
+# Our runtime and MediaPipe's face mesh, same inputs, same core, interleaved (docs/runtime.md)
 runtime-vs: venv peers quantize
 	$(PY) benchmark/runtime_vs.py --model $(ART)/onnx_int8 --out artifacts/runtime_vs_onnx_int8.json
 	$(PY) benchmark/runtime_vs.py --model $(ART)/tflite_int8 --out artifacts/runtime_vs_tflite_int8.json
@@ -134,7 +136,7 @@ train-student: labels
 	$(PY) train/run.py refit-head --checkpoint runs/student_w05.pt --head 300w68 \
 		--out runs/student_w05.pt --report runs/student_w05_refit.json
 
-# A candidate, not the shipped model (README: candidates): train-student's recipe on a 200-epoch
+# A candidate, not the shipped model (docs/student.md): train-student's recipe on a 200-epoch
 # schedule, the epoch chosen with the held-out detector-box set too (--select-on-boxes); about
 # 4 h on one thread, resumable (rerun the target). It writes runs/ only: nothing is shipped.
 train-student-long: labels
@@ -161,7 +163,7 @@ train-student-wflw: labels
 		--aug-scale 1.15 1.35 --aug-rotate 15 --aug-occlude 0.05 --disagreement-tau 0.1 \
 		--ema 0.998 --threads 1 --out $(WFLW_RUN)
 
-# The heatmap family's ablation at our scale (README: heatmap section): same backbone, width,
+# The heatmap family's ablation at our scale (docs/heatmaps.md): same backbone, width,
 # data (the 300-W labels) and budget; rounded vs continuous targets, + Siamese, and a
 # direct-regression PFLD as the baseline; then every run x every decoder in one table (the
 # decoder window is chosen on the held-out faces) and the continuous run shipped with it
@@ -185,7 +187,7 @@ train-heatmap: venv
 # The committed heatmap model (the Siamese run of train-heatmap, decoder window 7 as chosen on
 # the held-out faces) as FP32 bundles. No FP16 targets: their parity check fails on this model (a
 # point of a two-peaked map jumps to the other peak). No INT8: it misses the 0.10 budget on every
-# backend (`python quantize/run.py --bundle-dir $(HM_ART)` shows the search; README)
+# backend (`python quantize/run.py --bundle-dir $(HM_ART)` shows the search; docs/heatmaps.md)
 HM      ?= models/heatmap_w05.pt
 HM_ART  ?= artifacts/heatmap_w05
 heatmap-bundles: venv

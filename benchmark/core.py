@@ -33,6 +33,7 @@ from benchmark.measure import EVAL_SETS, load_sets
 from benchmark.targets import Target, checkpoint_target, discover_bundles, external_target
 from benchmark.torch_engine import TorchEngine, bench_engines
 from runtime.bundle import PRECISIONS, atomic_write_json
+from runtime.errors import LandmarkError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLES = defaults.BUNDLES
@@ -41,7 +42,7 @@ EXEC_PRECISIONS = ("default", "f32")   # "default": the device's own choice (bf1
 REFERENCE_STAGES = ("onnx_sim_fp32", "onnx_fp32", "tflite_fp32", "openvino_fp32")
 
 
-class PlanError(ValueError):
+class PlanError(LandmarkError, ValueError):
     """The requested rows cannot be planned (unknown backend or precision, bad thread count)."""
 
 

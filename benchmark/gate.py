@@ -2,7 +2,7 @@
 benchmark/gates.json and exit non-zero when one is violated or missing.
 
     python benchmark/run.py --backend all --threads 1      # measure (see `make gate`)
-    python benchmark/gate.py                               # check artifacts/pfld68_w05/benchmark
+    python benchmark/gate.py                               # check artifacts/student_w05/benchmark
 
 Gated: size on disk of each listed bundle (bytes); absolute NME ceilings per evaluation set
 (every ok row of a listed bundle and the torch reference); drift against the torch FP32 row
@@ -24,14 +24,15 @@ import click
 
 from common import defaults
 from benchmark.pairs import MAX_SPREAD, load_pairs
-from benchmark.records import RecordError, label, load_run
+from benchmark.records import label, load_run
+from runtime.errors import LandmarkError
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_GATES = HERE / "gates.json"
 DEFAULT_RUN = f"{defaults.BUNDLES}/benchmark"
 
 
-class GateError(ValueError):
+class GateError(LandmarkError, ValueError):
     """The gates file is missing or malformed."""
 
 
@@ -215,7 +216,7 @@ def main(run_dir, gates_path):
     """Check a benchmark run against the committed limits; exit 1 on any failure."""
     try:
         passed, checks = gate(run_dir, gates_path or DEFAULT_GATES)
-    except (RecordError, GateError) as e:
+    except LandmarkError as e:
         click.echo(f"gate FAILED: {e}", err=True)
         sys.exit(1)
     click.echo(format_table(checks))

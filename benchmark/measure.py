@@ -44,9 +44,11 @@ from runtime.decode import Landmarker
 from runtime.engines import ENGINES, EngineUnavailable, register
 from runtime.schemes import get_scheme
 
-# The default evaluation sets (evaluation.sets keys). The WFLW faces are the evaluation part of
-# evaluation.data.calibration_split, disjoint from the faces INT8 calibration sees.
-EVAL_SETS = ("wflw:eval/rect", "wflw:eval/landmarks", "300w:helen_test/landmarks")
+# The default evaluation sets (evaluation.sets keys): the test faces (WFLW 505, HELEN 330; INT8
+# calibration uses WFLW train faces, so no test face is calibration data) and, beside them, the
+# held-out training faces every selection is made on.
+EVAL_SETS = ("wflw:test/rect", "wflw:test/landmarks", "300w:helen_test/landmarks",
+             "wflw:heldout/landmarks", "300w:heldout/landmarks")
 EVAL_BATCH = 32
 BATCH_CHECK_TOL = 0.02   # crop units (~2 px at 112): batch-N output must match batch-1 output
 

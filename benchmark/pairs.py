@@ -12,8 +12,8 @@ fresh processes; each loads both models and runs ROUNDS rounds of CALLS calls of
 order reversed every other round. The ratio is the median of the per-round ratios; its spread
 is half the interquartile range of those ratios, over all processes, so noise between
 processes counts too. benchmark/gate.py fails a ratio that exceeds its limit by more than that
-spread, a ratio whose spread reaches 1 (INT8 not measurably faster: so a regression fails
-however noisy the run), and a pair too noisy to judge (spread over MAX_SPREAD).
+spread, a ratio that with its spread reaches 1 (ratio + spread >= 1: INT8 not measurably
+faster, so a regression fails however noisy the run), and a pair too noisy to judge (spread over MAX_SPREAD).
 
 Writes RUN/pairs/<id>.json (one record per pair, with every round and the CPU flags).
 """
@@ -208,12 +208,12 @@ def load_pairs(run_dir: str | Path, run_id: str) -> list[dict]:
 @click.option("--warmup", default=WARMUP, help="untimed calls of each model first")
 def main(run_dir, gates_path, rounds, calls, processes, warmup):
     """Time the INT8/FP32 pairs of the gated speed ratios against each other."""
-    from benchmark.gate import DEFAULT_GATES, GateError
-    from benchmark.records import RecordError
+    from benchmark.gate import DEFAULT_GATES
+    from runtime.errors import LandmarkError
     try:
         measure_pairs(run_dir, gates_path or DEFAULT_GATES, rounds, calls, processes, warmup,
                       echo=click.echo)
-    except (RecordError, GateError) as e:
+    except LandmarkError as e:
         raise click.ClickException(str(e)) from None
 
 

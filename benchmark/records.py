@@ -21,11 +21,12 @@ import numpy as np
 
 from common import cpu_model, host_info, host_string  # noqa: F401  (re-exported for records)
 from runtime.bundle import atomic_write_json
+from runtime.errors import LandmarkError
 
 SCHEMA = 1
 
 
-class RecordError(Exception):
+class RecordError(LandmarkError):
     """Benchmark records are missing, unfinished, from another run, or malformed."""
 
 

@@ -89,7 +89,8 @@ def markdown(man: dict, records: list[dict]) -> str:
              "output is scored on WFLW, and a 98-point-only model on 300-W, through the standard "
              "98 -> 68 index map. Columns `... 68` (`@68` keys): the 68-point figure on WFLW (the "
              "68-point head, or the 98 points mapped), comparable with a 68-point model's. WFLW = "
-             "evaluation part of `calibration_split` (faces INT8 calibration never saw); `rect` = crop "
+             "test faces (INT8 calibrates on WFLW train faces: `wflw:calib`); `held` = held-out training "
+             "faces (selection only, never trained on); `rect` = crop "
              "from the official face rectangle (what a detector gives), `lmk` = crop from the "
              "ground-truth landmark extent. FR / AUC at NME 0.10.",
              "- **drift**: against the model's reference row (`(ref)`: the torch FP32 checkpoint, or "

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import click
 
-from benchmark.core import BenchConfig, PlanError, run
+from benchmark.core import BenchConfig, run
 from benchmark.measure import EVAL_SETS
 from benchmark.torch_engine import bench_engines
-from evaluation.data import DataError, default_root
-from evaluation.sets import SetError
-from runtime.bundle import PRECISIONS, BundleError, SpecError
+from evaluation.data import default_root
+from runtime.bundle import PRECISIONS
+from runtime.errors import LandmarkError
 
 D = BenchConfig()
 
@@ -92,17 +92,16 @@ def main(externals, external_specs, report_only, plots, **kw):
                       devices=kw.pop("device"), exec_precisions=kw.pop("exec_precision"),
                       externals=tuple(zip(externals, external_specs)), plots=plots, **kw)
     if report_only:
-        from benchmark.records import RecordError
         from benchmark.report import render
         try:
             for p in render(cfg.out_dir, plots=plots):
                 click.echo(p)
-        except RecordError as e:
+        except LandmarkError as e:
             raise click.ClickException(str(e)) from None
         return
     try:
         records = run(cfg, echo=click.echo)
-    except (DataError, SpecError, BundleError, PlanError, SetError) as e:
+    except LandmarkError as e:
         raise click.ClickException(str(e)) from None
     bad = [r for r in records if r["status"] == "error"]
     if bad:

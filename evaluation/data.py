@@ -14,6 +14,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from runtime.errors import LandmarkError
 
 REPO = Path(__file__).resolve().parents[1]
 WFLW_ATTRIBUTES = ("pose", "expression", "illumination", "makeup", "occlusion", "blur")
@@ -21,7 +22,7 @@ WFLW_LIST_DIR = Path("WFLW_annotations/list_98pt_rect_attr_train_test")
 WFLW_IMAGE_DIR = Path("WFLW_images")
 
 
-class DataError(Exception):
+class DataError(LandmarkError):
     """Malformed or missing data; the message names the file (and line) at fault."""
 
 
@@ -215,6 +216,18 @@ def wflw_train_split(root: str | Path | None = None) -> tuple[list[Face], list[F
     """(train, held out) of the WFLW train faces: the hash split of `holdout_split` on each
     image path relative to WFLW_images/, at WFLW_HELDOUT_FRACTION (about 180 of 1,825)."""
     return holdout_split(load_wflw(root, "train"), WFLW_HELDOUT_FRACTION)
+
+
+WFLW_CALIB_EVERY = 8   # one in 8 of the WFLW training faces (not held out) calibrates INT8
+
+
+def wflw_calibration(root: str | Path | None = None) -> list[Face]:
+    """The INT8 calibration faces: WFLW train faces that training keeps (not the held-out part
+    selection uses) whose crc32 of the hold-out key is divisible by WFLW_CALIB_EVERY (about 200
+    of 1,630), in annotation order. No test face is among them."""
+    import zlib
+    kept, _ = wflw_train_split(root)
+    return [f for f in kept if zlib.crc32(f.key.encode()) % WFLW_CALIB_EVERY == 0]
 
 
 def calibration_split(faces: list[Face], every: int = 3) -> tuple[list[Face], list[Face]]:

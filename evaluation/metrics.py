@@ -13,6 +13,7 @@ import numpy as np
 from runtime.preprocess import Preprocess, landmark_box
 from runtime.schemes import Scheme
 from evaluation.data import WFLW_ATTRIBUTES, Face
+from runtime.errors import ConfigError
 
 PROTOCOLS = {
     "landmarks": "crop from the extent of the ground-truth landmarks",
@@ -54,9 +55,9 @@ def face_box(face: Face, protocol: str) -> np.ndarray:
         return np.array(landmark_box(face.points))
     if protocol == "rect":
         if face.rect is None:
-            raise ValueError(f"{face.source}: no face rectangle; use protocol 'landmarks'")
+            raise ConfigError(f"{face.source}: no face rectangle; use protocol 'landmarks'")
         return face.rect
-    raise ValueError(f"unknown crop protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
+    raise ConfigError(f"unknown crop protocol {protocol!r}; expected one of {', '.join(PROTOCOLS)}")
 
 
 def predict_faces(predict: Callable[[np.ndarray], np.ndarray], faces: Sequence[Face],
@@ -136,7 +137,7 @@ def score(points: np.ndarray, faces: Sequence[Face], model_scheme: Scheme,
         return nme_per_face(points, data_scheme.as_68(gt), model_scheme.eye_corners)
     if data_scheme.num_points == 68 and model_scheme.to_68 is not None:
         return nme_per_face(model_scheme.as_68(points), gt, data_scheme.eye_corners)
-    raise ValueError(f"cannot score {model_scheme.name} predictions on {data_scheme.name} faces")
+    raise ConfigError(f"cannot score {model_scheme.name} predictions on {data_scheme.name} faces")
 
 
 def evaluate(predict, faces, pre: Preprocess, model_scheme: Scheme, data_scheme: Scheme,

@@ -1,12 +1,12 @@
 """Named evaluation sets, each with its crop protocols and titles, in one registry.
 
-A set is named DATASET:PART, e.g. `wflw:eval`; a scored set adds a crop protocol,
-`wflw:eval/rect`. Any folder of 300-W style `.pts` faces is a set too (`300w:/path/to/faces`),
+A set is named DATASET:PART, e.g. `wflw:test`; a scored set adds a crop protocol,
+`wflw:test/rect`. Any folder of 300-W style `.pts` faces is a set too (`300w:/path/to/faces`),
 and so is a folder in the official WFLW layout (`wflw:/path/to/WFLW`), so a user can score
 their own faces with every CLI that takes `--eval-set`.
 
-    faces = load_set("wflw:eval")                 # list[evaluation.data.Face]
-    for s in scored_sets(("wflw:eval/rect", "300w:helen_test/landmarks")):
+    faces = load_set("wflw:test")                 # list[evaluation.data.Face]
+    for s in scored_sets(("wflw:test/rect", "300w:helen_test/landmarks")):
         s.key, s.title, s.protocol, s.scheme, s.faces()
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Callable
 
 from evaluation import data as D
 from evaluation.metrics import PROTOCOLS
+from runtime.errors import LandmarkError
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,13 @@ SETS: dict[str, SetInfo] = {s.key: s for s in [
     SetInfo("wflw:test", "WFLW test", "WFLW", "wflw98", ("rect", "landmarks"), _wflw_part(None),
             "every WFLW test face in the folder (505 in ../shared/wflw)"),
     SetInfo("wflw:eval", "WFLW eval", "WFLW", "wflw98", ("rect", "landmarks"), _wflw_part(1),
-            "WFLW evaluation faces: crc32(image path relative to WFLW_images/) % 3 != 0 "
-            "(evaluation.data.calibration_split), disjoint from wflw:calib"),
-    SetInfo("wflw:calib", "WFLW calib", "WFLW cal", "wflw98", ("rect", "landmarks"), _wflw_part(0),
-            "WFLW calibration faces: crc32(...) % 3 == 0; INT8 calibration only"),
+            "two thirds of the WFLW test faces: crc32(image path relative to WFLW_images/) % 3 != 0 "
+            "(evaluation.data.calibration_split); the evaluation set of records made while INT8 "
+            "calibrated on the other third, kept to read them (calibration now uses wflw:calib)"),
+    SetInfo("wflw:calib", "WFLW calib", "WFLW cal", "wflw98", ("landmarks",),
+            lambda root: D.wflw_calibration(root),
+            "INT8 calibration faces: about 200 WFLW train faces training keeps (not wflw:heldout), "
+            "crc32 of the path % 8 == 0 (evaluation.data.wflw_calibration); never a test face"),
     SetInfo("wflw:train", "WFLW train", "WFLW trn", "wflw98", ("landmarks",),
             lambda root: D.load_wflw(root, "train"),
             "every WFLW train face in the folder (1,825 in ../shared/wflw, real 98-point labels; "
@@ -67,7 +71,7 @@ SETS: dict[str, SetInfo] = {s.key: s for s in [
 ]}
 
 
-class SetError(ValueError):
+class SetError(LandmarkError, ValueError):
     """An evaluation set name that is not registered nor a usable folder."""
 
 

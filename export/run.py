@@ -15,8 +15,9 @@ from pathlib import Path
 import click
 
 from common import defaults
-from export.stages import TARGETS, ExportError, ExportInputError, export_all, import_model
+from export.stages import TARGETS, ExportInputError, export_all, import_model
 
+from runtime.errors import LandmarkError
 CHECKPOINT = defaults.MODEL
 OPSET = 18
 
@@ -62,7 +63,7 @@ def main(checkpoint, import_file, spec, out, opset, targets, batch):
                    progress=click.echo)
     except ExportInputError as e:
         raise Failed(str(e), 2) from None
-    except ExportError as e:
+    except LandmarkError as e:        # ExportError and the data/bundle errors below it
         raise Failed(str(e), 1) from None
 
 

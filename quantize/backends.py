@@ -39,9 +39,10 @@ import numpy as np
 
 from common import quiet as _quiet
 from runtime.bundle import BundleMeta
+from runtime.errors import LandmarkError
 
 
-class QuantizeError(Exception):
+class QuantizeError(LandmarkError):
     """Bad input to the quantizer (data, bundle, option); the message says what and where."""
 
 

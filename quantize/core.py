@@ -7,14 +7,14 @@ For each backend of quantize.backends.BACKENDS:
 
 1. Start from its FP32 bundle in the bundle folder (backend.parents, first that exists).
 2. Calibration crops: the faces of the calibration set (default `wflw:calib`, see
-   evaluation.sets: crc32 of the relative image path % 3 == 0 of the 505 WFLW faces in
-   ../shared/wflw, about 162 faces; deterministic and disjoint from the evaluation faces), the
+   evaluation.sets: about 200 WFLW *train* faces, not the held-out ones, no test face), the
    first --calib-samples of them in annotation order, cut by evaluation.metrics.face_batch with
-   the parent bundle's preprocessing and the "rect" protocol (what a detector gives).
+   the parent bundle's preprocessing and the set's crop protocol ("landmarks": the train
+   list's rectangle is the landmark extent, not a detector box).
 3. Quantize every layer; score the FP32 and the INT8 model through the runtime's engines and
    decoders (runtime.decode.Landmarker) with evaluation.metrics.evaluate on the gated sets
-   (default: the ~343 WFLW evaluation faces with both crop protocols, "rect" (official
-   rectangles, the headline) and "landmarks" (GT extent)). A model with several outputs (one
+   (default: the ~195 held-out WFLW train faces, `wflw:heldout`, which calibration never sees
+   and training only selects on: every choice here is made on training faces). A model with several outputs (one
    head per point scheme) is scored with each: its native head per set and the 68-point
    figure on WFLW ("@68", evaluation.sets.scorings); the budget applies to all of them.
 4. If |drift| > budget: rank the ops the quantizer quantized by sensitivity (each quantized
@@ -24,8 +24,8 @@ For each backend of quantize.backends.BACKENDS:
    until the budget holds or `max_float_layers` are float. If it never holds the backend fails: no
    bundle is written (it is assembled in runtime.bundle.staging_dir) and run() reports it.
 5. Write the INT8 bundle (meta.json: calibration set, method, settings, layers kept in float,
-   drift figures) and score it again as shipped: WFLW evaluation faces with both crop
-   protocols (overall and per attribute), the 330 HELEN test faces ("landmarks" protocol),
+   drift figures) and score it again as shipped, reported only: the 505 WFLW test faces with
+   both crop protocols (overall and per attribute), the 330 HELEN test faces ("landmarks" protocol),
    size ratio, and batch-1 latency ratio (median of interleaved FP32/INT8 runs, 1 thread).
 
 Units: "nme" values are fractions of the outer-eye-corner distance (0.0450 = 4.50 %).
@@ -34,350 +34,42 @@ Drift and the budget are in NME points (percentage points): budget 0.10 means
 By default (drift_faces "all", the issue's rule) the drift is NME_int8 - NME_fp32 of the set
 means over every evaluation face; "ok" takes the mean per-face NME change over the faces the
 FP32 model localises (FP32 NME <= 0.10, the FR threshold) only, which ignores the noise of
-failed faces. Both are always reported (see drift()).
-The budget applies to both WFLW evaluation protocols (GATE_SETS); HELEN is reported, not gated.
-Gating "rect" alone is not enough: on rect crops a 300-W-trained model fails on many WFLW
-faces, and INT8 noise helps some of them and hurts others, so a real loss on well-predicted
-faces (seen on "landmarks" and HELEN) can cancel out in the rect mean.
+failed faces. Both are always reported (see quantize.scoring.drift()).
+The budget applies to the held-out WFLW train faces (GATE_SETS); the test sets are reported,
+never chosen on (the benchmark gate checks their drift again). Landmark crops, not rect: on rect
+crops a model fails on many WFLW faces, and INT8 noise helps some of them and hurts others, so
+a real loss on well-predicted faces can cancel out in the rect mean.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from common import host_info, now, package_versions, time_interleaved
-from evaluation.data import DataError, Face
-from evaluation.metrics import evaluate, face_batch, nme_per_face
-from evaluation.sets import ScoredSet, SetError, scored_set, scorings
-from quantize.backends import BACKENDS, PRESETS, Backend, Layer, Options, QuantizeError, get_backend
+from common import host_info, now, package_versions
+from evaluation.metrics import face_batch
+from quantize.backends import BACKENDS, PRESETS, Backend, Layer, QuantizeError, get_backend
+from quantize.data import MIN_CALIB_FACES, Data, EvalSet, Log, Settings, figures, load_data
+from quantize.data import CALIB_SET, EVAL_SETS, GATE_SETS  # noqa: F401 - re-exported
+from quantize.scoring import (DRIFT_FACES, FAIL_NME, MIN_DRIFT_FACES, compare, measure_latency, score,
+                              within)
+from quantize.scoring import drift  # noqa: F401 - re-exported
+from quantize.search import Candidate, fit_budget, rank_layers
 from runtime.bundle import META, BundleError, BundleMeta, atomic_write_json, staging_dir
-from runtime.decode import Landmarker
 from runtime.engines import EngineUnavailable, get_engine
-from runtime.schemes import get_scheme
 
-MIN_CALIB_FACES = 16
 REPORT = "quantize_report.json"
-CALIB_SET = "wflw:calib"
-EVAL_SETS = ("wflw:eval/rect", "wflw:eval/landmarks", "300w:helen_test/landmarks")
-GATE_SETS = ("wflw:eval/rect", "wflw:eval/landmarks")     # sets the budget applies to
 UNITS = {"nme": "fraction of the outer-eye-corner distance (0.0450 = 4.50 %)",
          "drift_points": "mean per-face (NME_int8 - NME_fp32) in NME points (percentage "
                          "points), over the faces named by drift_faces",
          "budget_points": "allowed |drift| in NME points; 0.10 = 0.0010 as a fraction",
          "subsets_drift_points": "difference of the WFLW attribute-subset means (all faces)",
          "latency": "milliseconds, batch 1"}
-
-
-@dataclass(frozen=True)
-class Settings:
-    method: str = "minmax"
-    per_channel: bool = True
-    preset: str = "x86"
-    bias_correction: str = "none"        # OpenVINO/NNCF only (measured: fast BC hurt)
-    calib_samples: int | None = None     # None: every calibration face (~162)
-    budget: float = 0.10                 # NME points
-    drift_faces: str = "all"             # DRIFT_FACES: which faces the drift is averaged over
-    max_float_layers: int = 8            # how many layers the search may keep in float
-    rank_faces: int | None = None        # calibration faces scoring the ranking (None: all)
-    latency_runs: int = 200
-    warmup: int = 20
-    threads: int = 1
-    calib_set: str = CALIB_SET           # evaluation.sets name of the calibration faces
-    eval_sets: tuple[str, ...] = EVAL_SETS   # scored sets reported (SET/PROTOCOL)
-    gate_sets: tuple[str, ...] = GATE_SETS   # scored sets the budget applies to
-    wflw_root: str | None = None
-    w300_root: str | None = None
-
-    def options(self) -> Options:
-        return Options(self.method, self.per_channel, self.preset, self.bias_correction)
-
-
-@dataclass
-class EvalSet:
-    """One scored figure: a scored set, and (for a multi-output model) which output scores it."""
-    key: str
-    faces: list[Face]
-    protocol: str
-    scheme: str          # annotation scheme of the faces
-    description: str
-    output: int = 0      # index into the model's outputs
-    as68: bool = False   # scored through the 98 -> 68 map on both sides
-
-
-@dataclass
-class Data:
-    calib: list[Face]
-    record: dict          # what goes into meta.json / the report about the calibration set
-    sets: list[ScoredSet]  # reported sets, the gated ones first (the first is the headline)
-    extra: dict = field(default_factory=dict)
-
-
-Log = Callable[[str], None]
-
-
-# -- data -------------------------------------------------------------------------------------
-def _ident(face: Face) -> tuple[str, str]:
-    """(image path relative to the data root, annotation 'file:line' relative to it)."""
-    parts = Path(face.image_path).parts
-    image = "/".join(parts[parts.index("WFLW_images") + 1:]) if "WFLW_images" in parts \
-        else Path(face.image_path).name
-    src, _, line = face.source.rpartition(":")
-    return image, f"{Path(src).name}:{line}" if src else face.source
-
-
-def _list_sha(items: list[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(items)).encode()).hexdigest()
-
-
-def _load_images(faces: list[Face], what: str) -> None:
-    for f in faces:
-        try:
-            f.image()
-        except DataError as e:
-            raise QuantizeError(f"{what}: {e}") from None
-
-
-def _roots(settings: Settings) -> dict:
-    return {"wflw": settings.wflw_root, "300w": settings.w300_root}
-
-
-def load_data(settings: Settings) -> Data:
-    """Calibration faces and the scored sets, every image read once."""
-    roots = _roots(settings)
-    try:
-        calib_all = scored_set(settings.calib_set, roots.get(settings.calib_set.split(":")[0])).faces()
-        keys = list(dict.fromkeys([*settings.gate_sets, *settings.eval_sets]))
-        sets, cache = [], {}
-        for k in keys:
-            s = scored_set(k, roots.get(k.split(":")[0]))
-            s._faces = cache.setdefault(s.info.key, s.faces())
-            sets.append(s)
-    except (DataError, SetError) as e:
-        raise QuantizeError(str(e)) from None
-    n = len(calib_all) if settings.calib_samples is None else int(settings.calib_samples)
-    if n < MIN_CALIB_FACES:
-        raise QuantizeError(f"{n} calibration faces is too few: at least {MIN_CALIB_FACES} are "
-                            "needed for stable activation ranges (--calib-samples)")
-    if n > len(calib_all):
-        raise QuantizeError(f"--calib-samples {n}: the calibration split ({settings.calib_set}) has "
-                            f"only {len(calib_all)} faces")
-    calib = calib_all[:n]
-    _load_images(calib, "calibration image")
-    for s in sets:
-        _load_images(s.faces(), f"{s.key} image")
-    ids = [_ident(f) for f in calib]
-    record = {
-        "set": settings.calib_set,
-        "dataset": scored_set(settings.calib_set).info.description,
-        "split": "evaluation.data.calibration_split: calibration = crc32(image path relative to "
-                 "WFLW_images/) % 3 == 0; evaluation = the rest (disjoint, deterministic)",
-        "selection": f"first {n} of {len(calib_all)} calibration faces in annotation order",
-        "protocol": "rect",
-        "preprocess": "evaluation.metrics.face_batch with the parent bundle's preprocessing",
-        "count": n,
-        "sha256": _list_sha([f"{img}|{ann}" for img, ann in ids]),
-        "sha256_of": "sorted 'image|annotation-file:line' lines joined by newlines",
-        "faces": [{"image": img, "annotation": ann} for img, ann in ids],
-    }
-    headline = sets[0].faces()
-    extra = {"evaluation_sha256": _list_sha(["|".join(_ident(f)) for f in headline])}
-    return Data(calib, record, sets, extra)
-
-
-def figures(meta: BundleMeta, sets: list[ScoredSet]) -> list[EvalSet]:
-    """Every figure a model is scored by: per scored set, its native output (and "@68")."""
-    out = []
-    for s in sets:
-        for sc in scorings([o.scheme for o in meta.outputs], s.scheme):
-            out.append(EvalSet(s.key + sc.suffix, s.faces(), s.protocol, s.scheme,
-                               s.info.description, sc.output, sc.as68))
-    return out
-
-
-# -- scoring ------------------------------------------------------------------------------------
-def _strip(res: dict) -> dict:
-    return {k: v for k, v in res.items() if not k.startswith("_")}
-
-
-def _outputs(engine, x: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([np.asarray(engine(x[i:i + batch])) for i in range(0, len(x), batch)])
-
-
-def score(engine, meta: BundleMeta, s: EvalSet, batch: int) -> dict:
-    """evaluation.metrics.evaluate of an engine on one figure, decoded by the runtime from
-    the bundle's description, with the bundle's own preprocessing."""
-    lm = Landmarker(meta, engine, s.output)
-    return evaluate(lm, s.faces, meta.preprocess, lm.scheme, get_scheme(s.scheme), s.protocol,
-                    batch=batch, as68=s.as68)
-
-
-FAIL_NME = 0.10        # evaluation.metrics' failure threshold (FR@0.10)
-MIN_DRIFT_FACES = 30   # fewest localised faces a drift on "ok" faces is taken over
-DRIFT_FACES = {
-    "ok": "faces the FP32 model localises (FP32 NME <= 0.10); failures excluded",
-    "all": "every face",
-}
-
-
-def drift(fp32: dict, int8: dict, faces: str) -> float:
-    """Mean per-face NME change in NME points, over `faces` (see DRIFT_FACES).
-
-    "all" is the issue's rule and Settings' default. "ok" exists because the mean over all
-    faces is ruled by the FP32 model's failures
-    (on the WFLW rect crops a 300-W model fails on more than half the faces; profile faces with
-    a tiny eye-corner distance reach NMEs of 100 % and more): a prediction that is wrong anyway
-    moves a lot under any perturbation. Gaussian input noise of 1 gray level, WFLW evaluation
-    faces: with the ReLU PFLD (epoch 100) it moved the all-faces mean by up to 0.37 NME points
-    and the localised-faces mean by < 0.01; with the ReLU6 PFLD up to 0.05 and 0.035.
-    """
-    d = np.asarray(int8["_nme"]) - np.asarray(fp32["_nme"])
-    if faces == "ok":
-        d = d[np.asarray(fp32["_nme"]) <= FAIL_NME]
-    elif faces != "all":
-        raise QuantizeError(f"drift faces {faces!r}: expected one of {', '.join(DRIFT_FACES)}")
-    return float(d.mean() * 100) if d.size else 0.0
-
-
-def compare(fp32: dict, int8: dict, faces: str) -> dict:
-    ok = np.asarray(fp32["_nme"]) <= FAIL_NME
-    out = {"fp32": _strip(fp32), "int8": _strip(int8),
-           "drift_points": drift(fp32, int8, faces), "drift_faces": faces,
-           "drift_faces_count": int(ok.sum() if faces == "ok" else ok.size),
-           "drift_points_all_faces": drift(fp32, int8, "all"),
-           "drift_points_localised_faces": drift(fp32, int8, "ok"),
-           "median_face_drift_points": float(np.median(int8["_nme"] - fp32["_nme"]) * 100)}
-    if "subsets" in fp32 and "subsets" in int8:
-        out["subsets_drift_points"] = {k: (int8["subsets"][k]["nme"] - v["nme"]) * 100
-                                       for k, v in fp32["subsets"].items() if k in int8["subsets"]}
-    return out
-
-
-def within(drift_points: float, budget: float) -> bool:
-    return abs(drift_points) <= budget + 1e-9
-
-
-def measure_latency(fp32, int8, x1: np.ndarray, runs: int, warmup: int) -> dict:
-    """Median/p90 ms of batch-1 calls, FP32 and INT8 interleaved so load drift hits both."""
-    t = time_interleaved({"fp32": fp32, "int8": int8}, x1, warmup, runs)
-    return {**t, "ratio": t["int8"]["median_ms"] / t["fp32"]["median_ms"], "runs": runs,
-            "warmup": warmup, "batch": 1}
-
-
-# -- sensitivity search ---------------------------------------------------------------------------
-def rank_layers(backend: Backend, layers: list[Layer], make_engine, x: np.ndarray, opts: Options,
-                rank_sets: list[EvalSet], meta: dict, work: Path, log: Log,
-                faces: str = "ok") -> list[dict]:
-    """Quantize each candidate alone (everything else float) and score it on `rank_sets`
-    (calibration faces with ground truth, one set per crop protocol; never evaluation faces).
-
-    drift_points[protocol]: its NME change against the FP32 model; shift_points: NME of its
-    points against the FP32 model's points (first set). Sorted by the largest |drift|.
-    """
-    ref = {s.protocol: score(make_engine(backend.src), meta, s, backend.eval_batch)
-           for s in rank_sets}
-    # too few localised calibration faces for an "ok" mean: rank on all of them instead
-    mode = {p: faces if faces == "all" or (r["_nme"] <= FAIL_NME).sum() >= MIN_DRIFT_FACES
-            else "all" for p, r in ref.items()}
-    eye = get_scheme(meta.outputs[rank_sets[0].output].scheme).eye_corners
-    ranking = []
-    for i, ly in enumerate(layers, 1):
-        d = work / f"rank_{i}"
-        info = backend.quantize(x, opts, d, only=[ly.name])
-        eng = make_engine(d / info["files"][0])
-        res = {s.protocol: score(eng, meta, s, backend.eval_batch) for s in rank_sets}
-        first = rank_sets[0].protocol
-        shift = nme_per_face(res[first]["_points"], ref[first]["_points"], eye)
-        ranking.append({"layer": ly.name, "kind": ly.kind, "label": ly.label,
-                        "drift_points": {p: drift(ref[p], r, mode[p]) for p, r in res.items()},
-                        "shift_points": float(shift.mean()) * 100})
-        shutil.rmtree(d, ignore_errors=True)
-        if i % 10 == 0 or i == len(layers):
-            log(f"      ranked {i}/{len(layers)}")
-    ranking.sort(key=lambda r: -max(abs(v) for v in r["drift_points"].values()))
-    return ranking
-
-
-@dataclass
-class Candidate:
-    folder: Path
-    info: dict
-    kept: list[dict]
-    results: dict         # gate key -> evaluate() result of this INT8 model
-    drift: dict           # gate key -> drift in NME points
-    seconds: float
-
-    @property
-    def worst(self) -> str:
-        return max(self.drift, key=lambda k: abs(self.drift[k]))
-
-    def ok(self, budget: float) -> bool:
-        return all(within(d, budget) for d in self.drift.values())
-
-
-def fit_budget(backend: Backend, make_engine, calib_x, gates: list[EvalSet],
-               rank_sets: list[EvalSet], opts: Options, settings: Settings, fp32: dict,
-               meta: dict, work: Path, log: Log) -> dict:
-    """Quantize everything; while a gate set's |drift| > budget, keep one more op in float:
-    the one whose own drift (ranked on calibration faces, same crop protocol) pushes hardest
-    in the direction of the worst gate's drift, so an overshoot is corrected next step.
-    Returns the steps, the ranking and the chosen candidate (the first within budget, else
-    the one with the smallest worst |drift|)."""
-    steps: list[dict] = []
-
-    def attempt(kept: list[dict]) -> Candidate:
-        d = work / f"try_{len(steps)}"
-        t = time.perf_counter()
-        info = backend.quantize(calib_x, opts, d, exclude=[k["layer"] for k in kept])
-        dt = time.perf_counter() - t
-        eng = make_engine(d / info["files"][0])
-        res = {g.key: score(eng, meta, g, backend.eval_batch) for g in gates}
-        dr = {k: drift(fp32[k], r, settings.drift_faces) for k, r in res.items()}
-        steps.append({"kept_float": [k["label"] or k["layer"] for k in kept],
-                      "nme_int8": {k: r["nme"] for k, r in res.items()},
-                      "drift_points": dr, "seconds": dt})
-        log(f"      {len(kept)} op(s) float: drift " + ", ".join(
-            f"{k} {v:+.3f}" for k, v in dr.items()) + " points")
-        return Candidate(d, info, kept, res, dr, dt)
-
-    first = attempt([])
-    out = {"steps": steps, "calibration_s": first.seconds, "ranking": None, "chosen": first}
-    if first.ok(settings.budget) or settings.max_float_layers <= 0:
-        return out
-    layers = backend.layers(first.folder)
-    log(f"      over the {settings.budget:.2f}-point budget: ranking {len(layers)} quantized ops "
-        f"by sensitivity on {len(rank_sets[0].faces)} calibration faces")
-    t = time.perf_counter()
-    ranking = rank_layers(backend, layers, make_engine, calib_x, opts, rank_sets, meta, work, log,
-                          settings.drift_faces)
-    out["ranking"] = ranking
-    out["ranking_s"] = time.perf_counter() - t
-    protocol = {g.key: g.protocol for g in gates}
-    best = current = first
-    kept: list[dict] = []
-    while len(kept) < settings.max_float_layers:
-        worst = current.worst
-        sign, p = np.sign(current.drift[worst]), protocol[worst]
-        left = [r for r in ranking if r not in kept and sign * r["drift_points"][p] > 0]
-        if not left:
-            break
-        kept = kept + [max(left, key=lambda r: sign * r["drift_points"][p])]
-        current = attempt(kept)
-        if abs(current.drift[current.worst]) < abs(best.drift[best.worst]):
-            best = current
-        if current.ok(settings.budget):
-            out["chosen"] = current
-            return out
-    out["chosen"] = best
-    return out
 
 
 # -- one backend ------------------------------------------------------------------------------
@@ -425,7 +117,7 @@ def _start(name: str, bundle_dir: Path, data: Data, settings: Settings) -> Job:
     gate_keys = {k for k in settings.gate_sets}
     gates = [f for f in figs if f.key.split("@")[0] in gate_keys]
     return Job(name, cls, parent_dir, meta, bundle_dir / cls.stage,
-               face_batch(data.calib, meta.preprocess, "rect"), figs, gates, settings)
+               face_batch(data.calib, meta.preprocess, data.calib_protocol), figs, gates, settings)
 
 
 def _score_fp32(job: Job, backend: Backend, log: Log) -> dict:

@@ -15,8 +15,9 @@ from pathlib import Path
 import click
 
 from common import defaults
-from quantize.backends import BACKENDS, BIAS_CORRECTION, PRESETS, QuantizeError
+from quantize.backends import BACKENDS, BIAS_CORRECTION, PRESETS
 from quantize.core import DRIFT_FACES, MIN_CALIB_FACES, Settings, run
+from runtime.errors import LandmarkError
 
 D = Settings()
 
@@ -84,7 +85,7 @@ def main(bundle_dir, backends, calib_samples, method, per_channel, preset, bias_
     try:
         report, failed = run(bundle_dir, names, settings, log=click.echo,
                              skip_missing="all" in backends)
-    except QuantizeError as e:
+    except LandmarkError as e:
         raise CommandError(str(e)) from None
     if failed:
         click.echo(f"FAILED: {', '.join(failed)} (see {bundle_dir / 'quantize_report.json'})",

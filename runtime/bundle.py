@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .preprocess import Preprocess
 from .schemes import get_scheme
+from runtime.errors import LandmarkError
 
 META = "meta.json"
 SCHEMA_VERSION = 2          # 1: before the typed description (still read)
@@ -33,11 +34,11 @@ OUTPUT_UNITS = {   # spec "output_units" -> how to bring the output to crop-norm
 }
 
 
-class SpecError(ValueError):
+class SpecError(LandmarkError, ValueError):
     """An external-model spec file is missing a field or has a value that cannot be used."""
 
 
-class BundleError(Exception):
+class BundleError(LandmarkError):
     """A bundle is missing, incomplete or corrupt; the message says which file and why."""
 
 

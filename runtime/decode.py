@@ -18,6 +18,7 @@ import numpy as np
 from .bundle import BundleMeta, OutputSpec
 from .engines import Engine, load_bundle
 from .schemes import get_scheme
+from runtime.errors import ConfigError
 
 
 class PointsDecoder:
@@ -37,7 +38,7 @@ class PointsDecoder:
     def __call__(self, raw: np.ndarray) -> np.ndarray:
         y = np.asarray(raw, np.float32).reshape(len(raw), -1)
         if y.shape[1] != 2 * self.k:
-            raise ValueError(f"model output has {y.shape[1]} values per face, expected "
+            raise ConfigError(f"model output has {y.shape[1]} values per face, expected "
                              f"{2 * self.k} ({self.k} points); check the bundle's meta.json/spec")
         if self.identity:
             return y
@@ -67,7 +68,7 @@ class HeatmapDecoder:
         self.stride = float(p.get("stride", 4))
         self.decoder = p.get("decoder", "local_soft_argmax")
         if self.decoder not in HEATMAP_DECODERS:
-            raise ValueError(f"heatmap decoder {self.decoder!r} is not one of "
+            raise ConfigError(f"heatmap decoder {self.decoder!r} is not one of "
                              f"{', '.join(HEATMAP_DECODERS)}")
         self.window, self.tau = int(p.get("window", 5)), float(p.get("tau", HEATMAP_TAU))
         self.confidence: np.ndarray | None = None    # (N, K) of the last call
@@ -75,7 +76,7 @@ class HeatmapDecoder:
     def __call__(self, raw: np.ndarray) -> np.ndarray:
         h = np.asarray(raw, np.float32)
         if h.ndim != 4 or h.shape[1] != self.k:
-            raise ValueError(f"heatmap output has shape {h.shape}, expected (N, {self.k}, H, W)")
+            raise ConfigError(f"heatmap output has shape {h.shape}, expected (N, {self.k}, H, W)")
         xy, conf = decode_heatmaps(h, self.decoder, self.window, self.tau)
         self.confidence = conf
         pts = (xy + 0.5) * self.stride / self.n

@@ -15,7 +15,7 @@ Preprocess.crop_matrix takes as is.
   reaches the landmark network like the upright training faces.
 
 How a detector's box maps to the landmark crop is data, not code: runtime/detectors/
-calibration.json, measured on the 300-W training faces by `python benchmark/calibrate_detector.py
+calibration.json, measured on the 300-W training faces by `python tools/calibrate_detector.py
 --write` (never on a test set).
 
     det = make_detector("yunet")
@@ -30,9 +30,10 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from runtime.errors import ConfigError, LandmarkError
 
 
-class DetectorError(RuntimeError):
+class DetectorError(LandmarkError, RuntimeError):
     """A detector cannot be built (missing cascade/model file, unsupported OpenCV)."""
 
 
@@ -83,7 +84,7 @@ def load_calibration(path: str | Path = CALIBRATION_FILE) -> dict:
                             "runtime/ folder") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DetectorError(f"{path} is not a detector calibration written by "
-                            f"benchmark/calibrate_detector.py ({type(e).__name__}: {e})") from None
+                            f"tools/calibrate_detector.py ({type(e).__name__}: {e})") from None
 
 
 @dataclass
@@ -131,7 +132,7 @@ HAAR_STAGES: dict[str, HaarStage] = {s.name: s for s in (
     HaarStage("frontal-eq-roll+30", _FRONT_DEFAULT, equalize=True, roll=30.0),
 )}
 DEFAULT_HAAR_CHAIN = tuple(HAAR_STAGES)
-# Tuned for speed on the WFLW crops (runtime/measure.py images): faces below 30% of the shorter
+# Tuned for speed on the WFLW crops (benchmark/runtime_measure.py images): faces below 30% of the shorter
 # side are not searched, so the image is shrunk until such a face is 30 px (close to the
 # cascades' 20-24 px windows); scale steps of 1.15 instead of 1.1 cut the median detection
 # time by about 0.4 ms for one face fewer of 505 found right; min_neighbors 1 finds more of
@@ -178,7 +179,7 @@ class HaarDetector:
             raise DetectorError(f"unknown Haar stage(s) {', '.join(unknown)}; known: "
                                 f"{', '.join(HAAR_STAGES)}")
         if not 0 < min_face <= 1:
-            raise ValueError(f"min_face must be in (0, 1], got {min_face}")
+            raise ConfigError(f"min_face must be in (0, 1], got {min_face}")
         folder = _cascade_dir()
         self.stages = [HAAR_STAGES[c] for c in chain]
         self.cascades: dict[str, cv2.CascadeClassifier] = {}

@@ -15,9 +15,10 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+from runtime.errors import ConfigError, LandmarkError, UnknownNameError
 
 
-class EngineUnavailable(RuntimeError):
+class EngineUnavailable(LandmarkError, RuntimeError):
     """The engine's package is missing or cannot run this model on this device."""
 
 
@@ -229,7 +230,7 @@ def register(engine: type[Engine]) -> type[Engine]:
 
 def get_engine(name: str) -> type[Engine]:
     if name not in ENGINES:
-        raise KeyError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
+        raise UnknownNameError(f"unknown engine {name!r}; known: {', '.join(ENGINES)}")
     return ENGINES[name]
 
 
@@ -242,6 +243,6 @@ def load_bundle(bundle: str | Path, engine: str | None = None, threads: int = 1,
     eng = get_engine(engine or meta.engine)
     path = meta.model_file
     if eng.suffixes and path.suffix not in eng.suffixes:
-        raise ValueError(f"bundle {bundle} holds a {path.suffix} model; engine {eng.name} "
+        raise ConfigError(f"bundle {bundle} holds a {path.suffix} model; engine {eng.name} "
                          f"runs {', '.join(eng.suffixes)} files")
     return meta, eng(path, threads=threads, device=device, precision=precision)

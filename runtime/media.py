@@ -9,11 +9,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from runtime.errors import LandmarkError
 
 VIDEO_CODECS = {".avi": "MJPG", ".mp4": "mp4v", ".mkv": "MJPG", ".mov": "mp4v"}
 
 
-class InputError(Exception):
+class InputError(LandmarkError):
     """An input (image, video, camera, output path) cannot be used; the message says why."""
 
 

@@ -6,7 +6,7 @@
         for face in pipe.process(frame):
             face["points"], face["pose"], face["ms"]
 
-run.py is a thin CLI over this class; runtime/measure.py times it. Depends on numpy, opencv and
+run.py is a thin CLI over this class; benchmark/runtime_measure.py times it. Depends on numpy, opencv and
 one engine only (never torch). Set cv2.setNumThreads yourself if OpenCV's own threads matter
 (run.py sets it to --threads).
 """
@@ -22,6 +22,7 @@ from .detector import DetectorError, make_detector
 from .pose import head_pose, yaw_coefficient
 from .preprocess import landmark_box, roll
 from .tracker import Tracker, TrackerConfig
+from runtime.errors import ConfigError
 
 STAGES = ("detect", "crop", "landmarks", "pose")
 
@@ -68,7 +69,7 @@ class Pipeline:
                  tracker: TrackerConfig | None = None, verify: bool = True,
                  points: str | int | None = None, level: bool = True, refine_roll: float = 10.0):
         if max_faces < 1:
-            raise ValueError(f"max_faces must be >= 1, got {max_faces}")
+            raise ConfigError(f"max_faces must be >= 1, got {max_faces}")
         self.model = Landmarker.open(bundle, engine, threads, device, precision, verify, points)
         self.meta, self.engine = self.model.meta, self.model.engine
         self.pre, self.scheme = self.model.pre, self.model.scheme
@@ -79,7 +80,7 @@ class Pipeline:
         self.pose, self.refine, self.max_faces, self.fps = pose, refine, max_faces, fps
         self.level, self.refine_roll, self.max_refine = level, float(refine_roll), 3
         if refine not in (True, False, "auto"):
-            raise ValueError(f"refine must be True, False or 'auto', got {refine!r}")
+            raise ConfigError(f"refine must be True, False or 'auto', got {refine!r}")
         cfg = tracker or TrackerConfig()
         cfg.max_faces = max_faces
         self.tracker = Tracker(cfg) if track else None
@@ -157,7 +158,7 @@ class Pipeline:
                  all faces of the frame, also in self.last_ms)
         """
         if frame is None or frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-            raise ValueError("process() takes a BGR uint8 image of shape (H, W, 3), got "
+            raise ConfigError("process() takes a BGR uint8 image of shape (H, W, 3), got "
                              f"{None if frame is None else (frame.shape, frame.dtype)}")
         ms = dict.fromkeys(STAGES, 0.0)
         t_start = self.clock()

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 import cv2
 import numpy as np
+from runtime.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class Preprocess:
                   float(p.get("box_shift_y", 0.0)))
         if pre.color not in ("RGB", "BGR") or len(pre.mean) != 3 or len(pre.std) != 3 \
                 or min(pre.std) <= 0 or pre.input_size <= 0 or pre.crop_scale <= 0:
-            raise ValueError(f"not a valid preprocessing description: {p}")
+            raise ConfigError(f"not a valid preprocessing description: {p}")
         return pre
 
     def to_meta(self) -> dict:
@@ -58,7 +59,7 @@ class Preprocess:
         x0, y0, x1, y1 = map(float, box)
         side = max(x1 - x0, y1 - y0)
         if not side > 0:
-            raise ValueError(f"face box {tuple(box)} has no area")
+            raise ConfigError(f"face box {tuple(box)} has no area")
         cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
         if angle:
             t = np.radians(angle)     # "down" in the levelled frame, in image coordinates

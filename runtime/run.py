@@ -32,11 +32,12 @@ import click  # noqa: E402
 import cv2  # noqa: E402
 
 from runtime.bundle import BundleError  # noqa: E402
-from runtime.detector import DETECTORS, DetectorError, make_detector  # noqa: E402
-from runtime.engines import ENGINES, EngineUnavailable  # noqa: E402
+from runtime.detector import DETECTORS, make_detector  # noqa: E402
+from runtime.engines import ENGINES  # noqa: E402
 from runtime.media import (InputError, draw_faces, is_image, open_video, read_image,  # noqa: E402
                            to_bgr, video_writer, write_image)
 from runtime.pipeline import Pipeline  # noqa: E402
+from runtime.errors import LandmarkError  # noqa: E402
 
 
 def face_json(f: dict, digits: int = 2) -> dict:
@@ -167,7 +168,7 @@ def main(bundle, source, engine, threads, device, detector, detector_model, min_
                             refine={"on": True, "off": False}.get(refine, refine),
                             max_faces=max_faces, level=level,
                             points=int(points) if points and points.isdigit() else points)
-        except (BundleError, DetectorError, EngineUnavailable, ValueError, KeyError):
+        except LandmarkError:
             raise
         except Exception as e:  # noqa: BLE001 - engines raise their own types for a bad model
             raise BundleError(f"cannot load the model of bundle {bundle}: "
@@ -179,10 +180,8 @@ def main(bundle, source, engine, threads, device, detector, detector_model, min_
     except BrokenPipeError:      # e.g. `| head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(0)
-    except (BundleError, InputError, DetectorError, EngineUnavailable, ValueError, KeyError,
-            OSError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        click.echo(f"error: {msg}", err=True)
+    except (LandmarkError, OSError) as e:      # anything else is a bug: its traceback shows
+        click.echo(f"error: {e}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)

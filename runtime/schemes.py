@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from runtime.errors import UnknownNameError
 
 
 def _mirror(n: int, pairs: list[tuple[int, int]]) -> tuple[int, ...]:
@@ -77,5 +78,5 @@ def get_scheme(name_or_points: str | int) -> Scheme:
     for s in SCHEMES.values():
         if name_or_points in (s.name, s.num_points):
             return s
-    raise KeyError(f"unknown landmark scheme {name_or_points!r}; known: "
+    raise UnknownNameError(f"unknown landmark scheme {name_or_points!r}; known: "
                    f"{', '.join(f'{s.name} ({s.num_points} points)' for s in SCHEMES.values())}")

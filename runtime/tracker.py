@@ -88,7 +88,7 @@ class TrackerConfig:
     max_scale_step: float = 1.5   # max change of extent side between consecutive frames
     match_iou: float = 0.3        # detection <-> track overlap that confirms a track
     reseed_iou: float = 0.5       # ... below this the track restarts from the detection box
-    # One Euro settings from `python runtime/measure.py smoothing --model
+    # One Euro settings from `python benchmark/runtime_measure.py smoothing --model
     # artifacts/pfld68_w05/onnx_fp32` (6 HELEN faces held still with sensor noise, then swinging
     # sideways; the shipped model): frame-to-frame jitter of the still face 0.0058 -> 0.0006 of
     # the outer-eye distance, NME on the moving face 0.0448 -> 0.0543 (lag); (1.0, 4) lagged

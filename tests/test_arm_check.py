@@ -16,19 +16,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_dry_run_names_the_plan(tmp_path, tiny_bundle):
-    p = subprocess.run([sys.executable, str(REPO / "benchmark" / "arm_check.py"), "--dry-run",
+    p = subprocess.run([sys.executable, str(REPO / "benchmark" / "arm" / "check.py"), "--dry-run",
                         "--bundles", str(tiny_bundle.parent), "--cache", str(tmp_path / "c")],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     plan = json.loads(p.stdout)
     assert plan["cpu"].startswith("cortex-a76") and plan["venvs"] == {
         "onnxruntime": "runtime/requirements-onnxruntime.txt"}
-    assert plan["faces"] == {"wflw:eval/rect": 86, "300w:helen_test/landmarks": 83}
+    assert plan["faces"] == {"wflw:test/rect": 127, "300w:helen_test/landmarks": 83}
     assert not (tmp_path / "c").exists()                 # a dry run builds nothing
 
 
 def test_pi_like_cpu_files_and_quoting(tmp_path):
-    from benchmark.arm_check import _q, fake_cpu
+    from benchmark.arm.check import _q, fake_cpu
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     info = fake_cpu(root, "cortex-a72").read_text()
@@ -40,7 +40,7 @@ def test_pi_like_cpu_files_and_quoting(tmp_path):
 
 
 def test_compare_scores_arm_outputs_against_x86(tiny_bundle):
-    from benchmark.arm_check import compare, crops_for, face_sample
+    from benchmark.arm.check import compare, crops_for, face_sample
     from runtime.bundle import BundleMeta
     from runtime.decode import Landmarker
     meta = BundleMeta.load(tiny_bundle)
@@ -54,7 +54,7 @@ def test_compare_scores_arm_outputs_against_x86(tiny_bundle):
     (row,) = rep["rows"]
     assert row["status"] == "ok" and row["device"] == "aarch64, emulated cortex-a76"
     assert row["latency"] is None and "not meaningful" in row["latency_note"]
-    assert set(row["accuracy"]) == {"wflw:eval/rect", "300w:helen_test/landmarks"}
+    assert set(row["accuracy"]) == {"wflw:test/rect", "300w:helen_test/landmarks"}
     assert row["max_shift_vs_x86_px"] < 1e-4
     assert all(abs(row["accuracy"][k]["nme"] - row["nme_x86"][k]) < 1e-6 for k in row["nme_x86"])
     failed = compare({tiny_bundle: meta}, {tiny_bundle: mats}, {name: x},
@@ -76,7 +76,7 @@ def test_arm_drift_is_the_x86_drift_plus_what_arm_changes(tiny_bundle, tmp_path)
     budget applies to that sum, and the noisier INT8-vs-FP32 figure on the sample is kept."""
     import shutil
 
-    from benchmark.arm_check import compare, crops_for, face_sample
+    from benchmark.arm.check import compare, crops_for, face_sample
     from runtime.bundle import BundleMeta
     from runtime.decode import Landmarker
     model = tmp_path / "m"
@@ -87,8 +87,8 @@ def test_arm_drift_is_the_x86_drift_plus_what_arm_changes(tiny_bundle, tmp_path)
     metas[int8].precision = "int8"
     (model / "quantize_report.json").write_text(json.dumps({"backends": {"onnxruntime": {
         "status": "ok", "int8_bundle": "artifacts/m/onnx_int8", "nme": {
-            "wflw:eval/rect": {"fp32": {"nme": 0.0900}, "int8": {"nme": 0.0905}},
-            "wflw:eval/landmarks": {"fp32": {"nme": 0.0700}, "int8": {"nme": 0.0708}},
+            "wflw:test/rect": {"fp32": {"nme": 0.0900}, "int8": {"nme": 0.0905}},
+            "wflw:test/landmarks": {"fp32": {"nme": 0.0700}, "int8": {"nme": 0.0708}},
             "300w:helen_test/landmarks": {"fp32": {"nme": 0.05}, "int8": {"nme": 0.06}}}}}}))
     sample = [(s, faces[:10]) for s, faces in face_sample()]
     x, mats = crops_for(metas[fp32], sample)
@@ -98,12 +98,12 @@ def test_arm_drift_is_the_x86_drift_plus_what_arm_changes(tiny_bundle, tmp_path)
     rep = compare(metas, {b: mats for b in metas}, {n: x for n in arm}, arm, sample,
                   "cortex-a76", 0.10, ["aarch64"])
     row = next(r for r in rep["rows"] if r["bundle"] == "onnx_int8")
-    effect = row["arm_effect_points"]["wflw:eval/rect"]
-    assert effect == pytest.approx((row["accuracy"]["wflw:eval/rect"]["nme"]
-                                    - row["nme_x86"]["wflw:eval/rect"]) * 100) and effect != 0
-    assert row["drift_x86_points"] == pytest.approx({"wflw:eval/rect": 0.05,
-                                                     "wflw:eval/landmarks": 0.08})
-    assert row["drift_arm_points"] == pytest.approx({"wflw:eval/rect": 0.05 + effect,
-                                                     "wflw:eval/landmarks": 0.08 + effect})
-    assert row["drift_arm_sample_points"]["wflw:eval/rect"] == pytest.approx(effect, abs=1e-6)
+    effect = row["arm_effect_points"]["wflw:test/rect"]
+    assert effect == pytest.approx((row["accuracy"]["wflw:test/rect"]["nme"]
+                                    - row["nme_x86"]["wflw:test/rect"]) * 100) and effect != 0
+    assert row["drift_x86_points"] == pytest.approx({"wflw:test/rect": 0.05,
+                                                     "wflw:test/landmarks": 0.08})
+    assert row["drift_arm_points"] == pytest.approx({"wflw:test/rect": 0.05 + effect,
+                                                     "wflw:test/landmarks": 0.08 + effect})
+    assert row["drift_arm_sample_points"]["wflw:test/rect"] == pytest.approx(effect, abs=1e-6)
     assert row["verdict"] == ("pass" if abs(0.08 + effect) <= 0.10 else "fail")

@@ -71,10 +71,11 @@ def test_imported_model_int8_within_budget_on_openvino(ghost, tmp_path):
     report, failed = run(out, ["openvino"], Settings(latency_runs=20), log=lambda s: None)
     assert not failed, report["backends"]["openvino"].get("reason")
     e = report["backends"]["openvino"]
-    # the reference is the imported FP32 bundle; both the 98-point and the 68-point WFLW
-    # figures are gated
-    assert set(e["nme"]) >= {"wflw:eval/rect", "wflw:eval/rect@68", "wflw:eval/landmarks"}
-    for k in ("wflw:eval/rect", "wflw:eval/rect@68", "wflw:eval/landmarks", "wflw:eval/landmarks@68"):
+    # the reference is the imported FP32 bundle; both the 98-point and the 68-point figures of
+    # the held-out WFLW train faces are gated, the test faces reported
+    assert set(e["nme"]) >= {"wflw:test/rect", "wflw:test/rect@68", "wflw:test/landmarks",
+                             "300w:helen_test/landmarks"}
+    for k in ("wflw:heldout/landmarks", "wflw:heldout/landmarks@68"):
         assert abs(e["nme"][k]["drift_points"]) <= 0.10
     meta = BundleMeta.load(out / "openvino_int8")
     assert meta.precision == "int8" and meta.lineage.source_model is not None

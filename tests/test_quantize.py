@@ -21,7 +21,7 @@ from quantize.core import GATE_SETS, MIN_CALIB_FACES, REPORT, Settings, load_dat
 HEADLINE = GATE_SETS[0]
 from quantize.run import main as cli
 
-CALIB = 64            # calibration faces in the slow tests (the command's default is all ~162)
+CALIB = 64            # calibration faces in the slow tests (the command's default is all ~200)
 
 
 def invoke(*args):
@@ -50,11 +50,11 @@ def tiny_bundle_dir(tiny_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def broken_wflw(tmp_path_factory, wflw_faces):
     """A WFLW root like ../shared/wflw whose first calibration image is not an image."""
-    from evaluation.data import WFLW_IMAGE_DIR, WFLW_LIST_DIR, calibration_split, default_root
+    from evaluation.data import WFLW_IMAGE_DIR, WFLW_LIST_DIR, default_root, wflw_calibration
     src = default_root("wflw")
     root = tmp_path_factory.mktemp("wflw_broken")
     shutil.copytree(src / WFLW_LIST_DIR, root / WFLW_LIST_DIR)
-    bad = Path(calibration_split(wflw_faces)[0][0].image_path)
+    bad = Path(wflw_calibration()[0].image_path)
     for img in (src / WFLW_IMAGE_DIR).rglob("*.jpg"):
         dst = root / WFLW_IMAGE_DIR / img.relative_to(src / WFLW_IMAGE_DIR)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -140,17 +140,26 @@ def test_cli_offers_exactly_the_registry():
 
 
 def test_calibration_record_is_deterministic_and_disjoint(wflw_faces):
-    from evaluation.data import calibration_split
+    from evaluation.data import load_wflw, wflw_calibration, wflw_train_split
     a = load_data(Settings(calib_samples=20))
     b = load_data(Settings(calib_samples=20))
     c = load_data(Settings(calib_samples=21))
     assert a.record["count"] == len(a.calib) == len(a.record["faces"]) == 20
     assert a.record["sha256"] == b.record["sha256"] != c.record["sha256"]
-    calib, evals = calibration_split(wflw_faces)
+    calib = wflw_calibration()
+    assert 150 <= len(calib) <= 260 and a.calib_protocol == a.record["protocol"] == "landmarks"
     assert [f.source for f in a.calib] == [f.source for f in calib[:20]]
-    assert {f.source for f in a.calib}.isdisjoint(f.source for f in a.sets[0].faces())
-    assert a.sets[0].key == HEADLINE == "wflw:eval/rect" and a.sets[0].protocol == "rect"
-    assert len(a.sets[0].faces()) == len(evals) and len(a.sets[2].faces()) == 330
+    # calibration: WFLW train faces training keeps; never a held-out or a test face
+    kept, held = wflw_train_split()
+    assert {f.source for f in calib} <= {f.source for f in kept}
+    test_images = {f.image_path for f in load_wflw(None, "test")}
+    assert not {f.image_path for f in calib} & test_images
+    # the budget is judged (and the search chooses) on the held-out train faces; test sets reported
+    assert a.sets[0].key == HEADLINE == "wflw:heldout/landmarks" and a.sets[0].protocol == "landmarks"
+    assert [f.source for f in a.sets[0].faces()] == [f.source for f in held]
+    assert [s.key for s in a.sets[1:]] == ["wflw:test/rect", "wflw:test/landmarks",
+                                          "300w:helen_test/landmarks"]
+    assert len(a.sets[1].faces()) == len(wflw_faces) and len(a.sets[3].faces()) == 330
 
 
 def test_tflite_layer_labels_name_the_torch_module():
@@ -238,13 +247,13 @@ def test_int8_drift_within_budget_on_real_faces(shipped_bundles, name):
     """Re-score FP32 and INT8 bundles here, through the runtime engines, on the WFLW evaluation
     faces with both crop protocols; drift = NME(INT8) - NME(FP32) over every face (the
     command's default rule), or over the faces the FP32 model localises under "ok"."""
-    from evaluation.data import calibration_split, load_wflw
+    from evaluation.data import load_wflw
     from evaluation.metrics import evaluate
     from runtime.decode import Landmarker
     from runtime.schemes import get_scheme
     out, report, failed, settings = shipped_bundles
     assert name not in failed, report["backends"][name].get("reason")
-    evals = calibration_split(load_wflw())[1]
+    evals = load_wflw()
     cls = BACKENDS[name]
     from runtime.bundle import BundleMeta
     # the WFLW figure of the report comes from the model's native head for WFLW faces (the
@@ -262,16 +271,18 @@ def test_int8_drift_within_budget_on_real_faces(shipped_bundles, name):
         if settings.drift_faces == "all":
             ok = np.ones_like(ok)
         drift_points = float((per_face["int8"] - per_face["fp32"])[ok].mean() * 100)
-        assert abs(drift_points) <= settings.budget, (name, protocol, drift_points)
+        # the test faces are reported, not chosen on; this tiny model's drift there is within
+        # twice the budget (the budget itself is judged on the held-out train faces)
+        assert abs(drift_points) <= 2 * settings.budget, (name, protocol, drift_points)
         # the figure in the report is the one measured here
-        assert report["backends"][name]["nme"][f"wflw:eval/{protocol}"]["drift_points"] == \
+        assert report["backends"][name]["nme"][f"wflw:test/{protocol}"]["drift_points"] == \
             pytest.approx(drift_points, abs=1e-9)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BACKENDS))
 def test_int8_meta_records_calibration_and_lineage(shipped_bundles, name, wflw_faces):
-    from evaluation.data import calibration_split
+    from evaluation.data import wflw_calibration
     from runtime.bundle import BundleMeta
     out, report, _, settings = shipped_bundles
     meta = BundleMeta.load(out / BACKENDS[name].stage)
@@ -282,7 +293,7 @@ def test_int8_meta_records_calibration_and_lineage(shipped_bundles, name, wflw_f
     lines = sorted(f"{f['image']}|{f['annotation']}" for f in cal["faces"])
     import hashlib
     assert cal["sha256"] == hashlib.sha256("\n".join(lines).encode()).hexdigest()
-    calib, _ = calibration_split(wflw_faces)
+    calib = wflw_calibration()
     want = {(Path(f.source.rpartition(":")[0]).name + ":" + f.source.rpartition(":")[2])
             for f in calib[:CALIB]}
     assert {f["annotation"] for f in cal["faces"]} == want
@@ -298,10 +309,11 @@ def test_int8_meta_records_calibration_and_lineage(shipped_bundles, name, wflw_f
     # every WFLW protocol with every figure the model has there (a two-head model: its 98-point
     # head and, "@68", its 68-point head)
     figures = [sc.suffix for sc in scorings([o.scheme for o in meta.outputs], "wflw98")]
-    gated = [f"wflw:eval/{p}{x}" for p in ("rect", "landmarks") for x in figures]
+    gated = [f"wflw:heldout/landmarks{x}" for x in figures]
     assert v["within_budget"] and v["gated"] == gated
     assert all(abs(v["drift_points"][k]) <= settings.budget for k in v["gated"])
-    assert set(v["drift_points"]) == {*gated, "300w:helen_test/landmarks"} and HEADLINE in gated
+    reported = [f"wflw:test/{p}{x}" for p in ("rect", "landmarks") for x in figures]
+    assert set(v["drift_points"]) == {*gated, *reported, "300w:helen_test/landmarks"} and HEADLINE in gated
 
 
 @pytest.mark.slow

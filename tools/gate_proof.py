@@ -106,5 +106,21 @@ def regress(repeat, art, out):
     click.echo(f"every speed check failed in every run: {every}")
 
 
+@main.command()
+@click.option("--passed", "pass_json", default="artifacts/gate_proof_pass.json", type=click.Path(exists=True))
+@click.option("--regressed", "regress_json", default="artifacts/gate_proof_regress.json", type=click.Path(exists=True))
+def table(pass_json, regress_json):
+    """The two proofs as one markdown table (ratio +- spread per pair and run, and the result)."""
+    for title, path in (("make gate as it is", pass_json), ("FP32 files labelled INT8", regress_json)):
+        runs = json.loads(Path(path).read_text())
+        pairs = [s["pair"] for s in runs[0]["speed"]]
+        click.echo(f"\n{title}:\n")
+        click.echo("| run | " + " | ".join(pairs) + " | gate |")
+        click.echo("|---" * (len(pairs) + 2) + "|")
+        for r in runs:
+            cells = [f"{s['ratio']} {s['result']}" for s in r["speed"]]
+            click.echo(f"| {r['run']} | " + " | ".join(cells) + f" | {'pass' if r['exit'] == 0 else 'FAIL'} |")
+
+
 if __name__ == "__main__":
     main()

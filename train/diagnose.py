@@ -29,6 +29,7 @@ from runtime.preprocess import Preprocess
 from runtime.schemes import get_scheme
 from train.engine import load_checkpoint, model_from_checkpoint, torch_predictor
 from train.refit import checkpoint_data
+from runtime.errors import ConfigError
 
 TEACHER_SET = "wflw:test"
 
@@ -48,7 +49,7 @@ def fit_report(checkpoint, sample: int = 600, teacher=None, data_root=None, wflw
     ck = load_checkpoint(checkpoint)
     heads = list(ck["arch"].get("heads") or {})
     if ck["arch"].get("family") == "heatmap" or not heads:
-        raise ValueError(f"{checkpoint}: fit-report needs a PFLD trained with --heads "
+        raise ConfigError(f"{checkpoint}: fit-report needs a PFLD trained with --heads "
                          "(its run config names its training faces)")
     data = checkpoint_data(ck, checkpoint, data_root, pool)
     model = model_from_checkpoint(ck)
@@ -102,7 +103,7 @@ def teacher_distance(model, pre, heads, teacher, wflw=None, progress=None) -> di
     faces = load_set(TEACHER_SET, wflw)
     scheme = get_scheme(set_info(TEACHER_SET).scheme)
     if scheme.name not in heads or t.scheme.name != scheme.name:
-        raise ValueError(f"teacher distance needs a {scheme.name} head on both models (student: "
+        raise ConfigError(f"teacher distance needs a {scheme.name} head on both models (student: "
                          f"{', '.join(heads)}; teacher {teacher.name}: {t.scheme.name})")
     gt = np.stack([f.points for f in faces]).astype(np.float64)
     e = scheme.eye_corners

@@ -28,6 +28,7 @@ from train.augment import AugmentConfig, augment_sets
 from train.loss import LOSSES
 from evaluation.metrics import evaluate
 from train.model import PFLD, build, count_params
+from runtime.errors import ConfigError
 
 SCHEME_OF = {"wflw": "wflw98", "300w": "300w68"}
 
@@ -112,7 +113,7 @@ def steps_per_rank(n_faces: int, world: int, batch: int) -> int:
 def _parse_set(spec: str):
     ds, _, split = spec.partition(":")
     if ds not in SCHEME_OF or not split:
-        raise ValueError(f"evaluation set {spec!r}: expected DATASET:SPLIT, e.g. 300w:helen_test")
+        raise ConfigError(f"evaluation set {spec!r}: expected DATASET:SPLIT, e.g. 300w:helen_test")
     return ds, split
 
 
@@ -166,10 +167,10 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise ValueError(f"{path} is not a readable checkpoint: {e}") from None
+        raise ConfigError(f"{path} is not a readable checkpoint: {e}") from None
     for key in ("arch", "model", "scheme", "preprocess"):
         if not isinstance(ck, dict) or key not in ck:
-            raise ValueError(f"{path} is not a landmark checkpoint of this project (no {key!r})")
+            raise ConfigError(f"{path} is not a landmark checkpoint of this project (no {key!r})")
     return ck
 
 
@@ -178,7 +179,7 @@ def model_from_checkpoint(ck: dict) -> PFLD:
     try:
         m.load_state_dict(ck["model"])
     except RuntimeError as e:
-        raise ValueError(f"checkpoint weights do not fit the PFLD architecture {ck['arch']}: "
+        raise ConfigError(f"checkpoint weights do not fit the PFLD architecture {ck['arch']}: "
                          f"{str(e).splitlines()[0]}") from None
     return m.eval()
 
@@ -190,7 +191,7 @@ class WeightAverage:
 
     def __init__(self, model: torch.nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+            raise ConfigError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay, self.updates = decay, 0
         self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -246,10 +247,10 @@ def _real_sets(cfg: TrainConfig, heads: list[str]) -> list[tuple[str, str, list,
     out = []
     for key in cfg.real:
         if key not in REAL_SETS:
-            raise ValueError(f"--real {key!r}: not a known labelled set (known: {', '.join(REAL_SETS)})")
+            raise ConfigError(f"--real {key!r}: not a known labelled set (known: {', '.join(REAL_SETS)})")
         scheme, split = REAL_SETS[key]
         if scheme not in heads:
-            raise ValueError(f"--real {key} has {scheme} labels but the heads are {', '.join(heads)}; "
+            raise ConfigError(f"--real {key} has {scheme} labels but the heads are {', '.join(heads)}; "
                              f"add --heads ...,{scheme}")
         tr, ho = split(None)
         out.append((key, scheme, tr[:cfg.limit_faces] if cfg.limit_faces else tr, ho))
@@ -314,7 +315,7 @@ def prepare_data(cfg: TrainConfig) -> RunData:
         lab = read_labels(stem)
         scheme = lab["info"]["scheme"]
         if scheme not in heads:
-            raise ValueError(f"labels {stem} are {scheme} points but the heads are {', '.join(heads)}")
+            raise ConfigError(f"labels {stem} are {scheme} points but the heads are {', '.join(heads)}")
         w = _point_weights(lab["dis_flip"], cfg.disagreement_tau)
         attached = 0
         for p, pts, wp in zip(lab["paths"], lab["points"], w):
@@ -332,7 +333,7 @@ def prepare_data(cfg: TrainConfig) -> RunData:
         else:
             paired = [it for it in items if len(it.targets) > 1 and pools[0][2] in it.targets]
             if len(paired) < 10:
-                raise ValueError("--pool-68 linear needs teacher labels of the training faces "
+                raise ConfigError("--pool-68 linear needs teacher labels of the training faces "
                                  "(a --labels file for them)")
             pmap = PointMap.fit(np.stack([it.targets[pools[0][2]] for it in paired]),
                                 np.stack([it.targets[own] for it in paired]))
@@ -412,7 +413,7 @@ def build_model(cfg: TrainConfig, heads: list[str]) -> PFLD:
     if cfg.family == "heatmap":
         from train.heatmap import HeatmapPFLD
         if len(heads) != 1:
-            raise ValueError("the heatmap family has one head (one point scheme)")
+            raise ConfigError("the heatmap family has one head (one point scheme)")
         model = HeatmapPFLD(get_scheme(heads[0]).num_points, cfg.width,
                             encoding=cfg.hm_encoding, decoder=cfg.hm_decoder,
                             window=cfg.hm_window)
@@ -438,7 +439,7 @@ def build_model(cfg: TrainConfig, heads: list[str]) -> PFLD:
                   f"function kept ({', '.join(grown)})", flush=True)
         else:
             if float(init["arch"]["width"]) != cfg.width:
-                raise ValueError(f"--init {cfg.init} holds a width-{init['arch']['width']} PFLD, "
+                raise ConfigError(f"--init {cfg.init} holds a width-{init['arch']['width']} PFLD, "
                                  f"not width {cfg.width}")
             fresh = load_partial(model, init["model"])
             print(f"--init {cfg.init}: {init['arch']} -> {model.arch}; left at their initial "
@@ -620,13 +621,13 @@ def train(cfg: TrainConfig) -> dict:
 def _resume(last: Path, cfg, model, ema, opt, sched, rng, rank, world):
     ck = load_checkpoint(last)
     if ck["arch"] != model.arch:
-        raise ValueError(f"{last} holds a different architecture {ck['arch']}; "
+        raise ConfigError(f"{last} holds a different architecture {ck['arch']}; "
                          "use another --out or delete it")
     if ema is not None and "train_model" not in ck:
-        raise ValueError(f"{last} was written without --ema; resume it without --ema "
+        raise ConfigError(f"{last} was written without --ema; resume it without --ema "
                          "or use another --out")
     if ema is None and "train_model" in ck:
-        raise ValueError(f"{last} was written with --ema {ck['config'].get('ema')}; "
+        raise ConfigError(f"{last} was written with --ema {ck['config'].get('ema')}; "
                          "resume it with the same --ema")
     model.load_state_dict(ck["train_model"] if ema else ck["model"])
     if ema:

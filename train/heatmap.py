@@ -23,6 +23,7 @@ from torch import nn
 
 from runtime.decode import HEATMAP_SIGMA, HEATMAP_TAU
 from train.model import InvertedResidual, _ch, conv_bn
+from runtime.errors import ConfigError
 
 STRIDE = 4
 ENCODINGS = ("continuous", "rounded")
@@ -36,9 +37,9 @@ class HeatmapPFLD(nn.Module):
                  decoder: str = "local_soft_argmax", window: int = 5, tau: float = HEATMAP_TAU):
         super().__init__()
         if input_size % (2 * STRIDE):
-            raise ValueError(f"input size {input_size} is not a multiple of {2 * STRIDE}")
+            raise ConfigError(f"input size {input_size} is not a multiple of {2 * STRIDE}")
         if encoding not in ENCODINGS:
-            raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
+            raise ConfigError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
         self.num_points, self.width, self.input_size = num_points, width, input_size
         self.sigma, self.encoding = sigma, encoding
         self.decoder, self.window, self.tau = decoder, window, tau

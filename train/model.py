@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from runtime.errors import ConfigError
 
 
 def _ch(c: int, width: float) -> int:
@@ -50,9 +51,9 @@ class PFLD(nn.Module):
         It costs next to no latency (one 7 x 7 conv on a 7 x 7 map)."""
         super().__init__()
         if input_size != 112:
-            raise ValueError("PFLD's head assumes a 112 x 112 input")
+            raise ConfigError("PFLD's head assumes a 112 x 112 input")
         if neck is not None and neck < 8:
-            raise ValueError(f"neck {neck}: at least 8 channels")
+            raise ConfigError(f"neck {neck}: at least 8 channels")
         self.num_points, self.width, self.neck = num_points, width, neck
         self.head_points = dict(heads) if heads else None
         c64, c128, c16, c32 = (_ch(c, width) for c in (64, 128, 16, 32))
@@ -163,7 +164,7 @@ def widen_neck(model: PFLD, state: dict) -> list[str]:
             grown.append(k)
     missing = [k for k in load_partial(model, state) if not k.endswith("num_batches_tracked")]
     if missing:
-        raise ValueError(f"an --init neck wider than {model.s3[0].out_channels} channels cannot "
+        raise ConfigError(f"an --init neck wider than {model.s3[0].out_channels} channels cannot "
                          f"be widened into it (no source for {', '.join(missing)})")
     return grown
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.schemes import get_scheme
+from runtime.errors import ConfigError
 
 MAPS = ("none", "index", "linear")
 
@@ -36,7 +37,7 @@ class PointMap:
         """Least squares on (N, K_in, 2) and (N, K_out, 2) point sets of the same faces."""
         src, dst = np.asarray(src, np.float64), np.asarray(dst, np.float64)
         if len(src) != len(dst) or len(src) < 10:
-            raise ValueError(f"a point map needs >= 10 paired faces, got {len(src)} and {len(dst)}")
+            raise ConfigError(f"a point map needs >= 10 paired faces, got {len(src)} and {len(dst)}")
         c = src.mean(1, keepdims=True)
         s = np.sqrt(((src - c) ** 2).sum(-1).mean(1))[:, None, None]
         x, y = (src - c) / s, (dst - c) / s

@@ -36,12 +36,13 @@ from runtime.decode import Landmarker
 from runtime.engines import ENGINES, load_bundle
 from runtime.preprocess import Preprocess, landmark_box
 from runtime.schemes import Scheme
+from runtime.errors import LandmarkError
 
 LABEL_VERSION = 1
 POOL_TSV = "faces.tsv"
 
 
-class LabelError(Exception):
+class LabelError(LandmarkError):
     """Bad teacher, pool file or cache; the message names the file."""
 
 

@@ -27,6 +27,7 @@ from runtime.preprocess import Preprocess
 from runtime.schemes import get_scheme
 from train.engine import load_checkpoint, model_from_checkpoint, torch_predictor
 from train.pointmap import PointMap
+from runtime.errors import ConfigError
 
 RIDGES = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3)
 
@@ -38,7 +39,7 @@ def fold(state: dict, head: str, sources: list[str], pmap: PointMap) -> dict:
     w = torch.cat([state[f"heads.{s}.weight"].double() for s in sources])
     b = torch.cat([state[f"heads.{s}.bias"].double() for s in sources])
     if a2.shape[1] != w.shape[0]:
-        raise ValueError(f"map takes {a2.shape[1] // 2} points, the sources "
+        raise ConfigError(f"map takes {a2.shape[1] // 2} points, the sources "
                          f"{'+'.join(sources)} give {w.shape[0] // 2}")
     out = dict(state)
     dtype = state[f"heads.{head}.weight"].dtype
@@ -56,14 +57,15 @@ def checkpoint_data(ck: dict, checkpoint, data_root=None, pool: bool = True,
     from train.engine import TrainConfig, prepare_data
     c = ck.get("config") or {}
     keep = ("dataset", "train_split", "val_fraction", "limit_faces", "heads", "pool_68",
-            "disagreement_tau", "max_disagreement", "select_on_boxes")
+            "disagreement_tau", "max_disagreement", "select_on_boxes", "real", "real_repeat")
     over = {k: v for k, v in (("pool_68", pool_68), ("select_on_boxes", select_on_boxes))
             if v is not None}
-    cfg = TrainConfig(**{**{k: c[k] for k in keep if k in c}, **over}, data_root=data_root,
+    saved = {k: tuple(c[k]) if isinstance(c[k], list) else c[k] for k in keep if k in c}
+    cfg = TrainConfig(**{**saved, **over}, data_root=data_root,
                       labels=tuple(c.get("labels", ())) if pool else ())
     for stem in cfg.labels:
         if not Path(f"{stem}.npz").is_file():
-            raise ValueError(f"{checkpoint} was trained with teacher labels {stem}.npz, which do "
+            raise ConfigError(f"{checkpoint} was trained with teacher labels {stem}.npz, which do "
                              "not exist here: make them (`make labels`)"
                              + (" or leave the pool out (--no-pool)" if pool else ""))
     return prepare_data(cfg)
@@ -88,12 +90,12 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
     ck = load_checkpoint(checkpoint)
     heads = list((ck["arch"].get("heads") or {}))
     if ck["arch"].get("family") == "heatmap" or len(heads) < 2:
-        raise ValueError(f"{checkpoint}: refit-head needs a multi-head PFLD (heads: "
+        raise ConfigError(f"{checkpoint}: refit-head needs a multi-head PFLD (heads: "
                          f"{', '.join(heads) or 'one'})")
     if head not in heads:
-        raise ValueError(f"{checkpoint}: no head {head!r} (heads: {', '.join(heads)})")
+        raise ConfigError(f"{checkpoint}: no head {head!r} (heads: {', '.join(heads)})")
     if head != ck["scheme"]:
-        raise ValueError(f"{checkpoint}: head {head} is not the scheme of its labelled training "
+        raise ConfigError(f"{checkpoint}: head {head} is not the scheme of its labelled training "
                          f"faces ({ck['scheme']}); only that head can be refitted on them")
     data = checkpoint_data(ck, checkpoint, data_root, pool, pool_68, select_on_boxes)
     tr = data.labelled
@@ -102,7 +104,7 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
         sets.update({k: (faces, data.pool_map) for k, (faces, scheme) in data.val.items()
                      if k != "val" and scheme != head})
     if len(tr) < 10 or not sets["heldout"][0]:
-        raise ValueError(f"{checkpoint}: {len(tr)} training / {len(sets['heldout'][0])} held-out "
+        raise ConfigError(f"{checkpoint}: {len(tr)} training / {len(sets['heldout'][0])} held-out "
                          "faces; need >= 10 and >= 1")
     model = model_from_checkpoint(ck)
     pre = Preprocess.from_dict(ck["preprocess"])

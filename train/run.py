@@ -16,6 +16,7 @@ import click
 
 from train.augment import AugmentConfig
 from train.engine import TrainConfig
+from runtime.errors import LandmarkError
 
 DEFAULTS = TrainConfig()
 
@@ -81,6 +82,8 @@ def fit(aug_scale, aug_rotate, aug_occlude, heads, head_weights, **kw):
     try:
         from train.engine import train
         entry = train(cfg)
+    except LandmarkError as e:
+        raise click.ClickException(str(e)) from None
     finally:
         if world > 1:
             import torch.distributed as dist
@@ -172,13 +175,13 @@ def pseudo_label_cmd(teacher, teacher_spec, engine, images, detector, data_root,
     import numpy as np
     from tqdm import tqdm
 
-    from train.pseudo_label import LabelError, load_teacher, pseudo_label
+    from train.pseudo_label import load_teacher, pseudo_label
     try:
         t = load_teacher(teacher, teacher_spec, engine)
         with tqdm(desc="labelling", unit="face", file=sys.stderr) as bar:
             res = pseudo_label(t, images, out, detector, data_root, not no_flip,
                                progress=bar.update, log=click.echo)
-    except LabelError as e:
+    except LandmarkError as e:
         raise click.ClickException(str(e)) from None
     d = res["dis_flip"].mean(1)
     click.echo(json.dumps({"faces": len(res["paths"]), "reused": res["reused"], "out": out,
@@ -240,7 +243,7 @@ def refit_head_cmd(checkpoint, head, out, report, no_pool, pool_68, select_on_bo
         refuse_shipped(out, replace_shipped)
         ck, rep = refit_head(checkpoint, head, pool=not no_pool, pool_68=pool_68,
                              select_on_boxes=select_on_boxes)
-    except (ValueError, FileNotFoundError) as e:
+    except (LandmarkError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     for c in rep["candidates"]:
         ridge = "-" if c["ridge"] is None else f"{c['ridge']:g}"
@@ -269,14 +272,14 @@ def fit_report_cmd(checkpoint, teacher, teacher_spec, sample, no_pool, out, thre
     and, with --teacher, how far it is from the teacher (train/diagnose.py)."""
     import torch
 
-    from runtime.bundle import BundleError, atomic_write_json
+    from runtime.bundle import atomic_write_json
     from train.diagnose import fit_report
-    from train.pseudo_label import LabelError, load_teacher
+    from train.pseudo_label import load_teacher
     torch.set_num_threads(threads)
     try:
         t = load_teacher(teacher, teacher_spec, threads=threads) if teacher else None
         rep = fit_report(checkpoint, sample, t, pool=not no_pool)
-    except (ValueError, FileNotFoundError, BundleError, LabelError) as e:
+    except (LandmarkError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     for name, r in rep["fit"].items():
         box = (f", from their detector boxes {r['heldout_box_nme'] * 100:.2f} %"

@@ -14,12 +14,13 @@ from pathlib import Path
 
 
 import click
+from runtime.errors import ConfigError, LandmarkError
 
 KEEP = ("arch", "scheme", "preprocess", "model", "epoch", "step", "history", "config", "params",
         "soup", "head_map")
 
 
-class ShippedModelError(ValueError):
+class ShippedModelError(LandmarkError, ValueError):
     """A write would replace a shipped (git-tracked) model without --replace-shipped."""
 
 
@@ -51,7 +52,7 @@ def ship(src, dst, arch_set: dict | None = None, replace_shipped: bool = False) 
     if arch_set:
         bad = [k for k in arch_set if k not in ck["arch"]]
         if bad:
-            raise ValueError(f"{src}: arch has no {', '.join(bad)} (keys: {', '.join(ck['arch'])})")
+            raise ConfigError(f"{src}: arch has no {', '.join(bad)} (keys: {', '.join(ck['arch'])})")
         slim["arch"] = {**ck["arch"], **arch_set}
     save_checkpoint(Path(dst), slim)
     return slim
@@ -75,7 +76,7 @@ def main(src, dst, arch_set, replace_shipped):
         sets[k] = json.loads(v) if v[:1].isdigit() or v[:1] in "-[{" or v in ("true", "false") else v
     try:
         ck = ship(src, dst, sets, replace_shipped)
-    except ValueError as e:
+    except LandmarkError as e:
         raise click.ClickException(str(e)) from None
     click.echo(f"{dst}: epoch {ck.get('epoch')}, {ck.get('params')} inference parameters")
 

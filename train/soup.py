@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 import click
+from runtime.errors import ConfigError, LandmarkError
 
 
 def average(states: list[dict]) -> dict:
@@ -30,10 +31,10 @@ def _same(cks: list[dict], paths: list[str]) -> None:
     for ck, p in zip(cks[1:], paths[1:]):
         for key in ("arch", "scheme", "preprocess"):
             if ck[key] != ref[key]:
-                raise ValueError(f"{p}: {key} {ck[key]} differs from {paths[0]}'s {ref[key]}; "
+                raise ConfigError(f"{p}: {key} {ck[key]} differs from {paths[0]}'s {ref[key]}; "
                                  "only checkpoints of one architecture and input rule can be averaged")
         if set(ck["model"]) != set(ref["model"]):
-            raise ValueError(f"{p}: its weights have other tensor names than {paths[0]}'s")
+            raise ConfigError(f"{p}: its weights have other tensor names than {paths[0]}'s")
 
 
 def greedy_soup(paths: list[str], data_root: str | None = None, threads: int = 0,
@@ -51,18 +52,18 @@ def greedy_soup(paths: list[str], data_root: str | None = None, threads: int = 0
     if threads:
         torch.set_num_threads(threads)
     if not paths:
-        raise ValueError("no checkpoints to average")
+        raise ConfigError("no checkpoints to average")
     cks = [load_checkpoint(p) for p in paths]
     _same(cks, paths)
     cfgs = [ck.get("config") or {} for ck in cks]
     split = {(c.get("dataset"), c.get("train_split"), c.get("val_fraction"),
               c.get("limit_faces", 0)) for c in cfgs}
     if len(split) != 1 or None in next(iter(split)):
-        raise ValueError("the checkpoints do not record one common training set and hold-out "
+        raise ConfigError("the checkpoints do not record one common training set and hold-out "
                          f"(dataset, split, fraction, face limit): {sorted(map(str, split))}")
     dataset, train_split, fraction, limit = split.pop()
     if not fraction:
-        raise ValueError("the checkpoints were trained without a held-out split (val_fraction 0); "
+        raise ConfigError("the checkpoints were trained without a held-out split (val_fraction 0); "
                          "there are no faces to choose the soup on")
     faces = training_faces(dataset, train_split, data_root, limit, fraction)[1]
     pre = Preprocess.from_dict(cks[0]["preprocess"])
@@ -109,7 +110,7 @@ def main(out, checkpoints, data_root, threads):
     from train.engine import save_checkpoint
     try:
         soup = greedy_soup(list(checkpoints), data_root, threads, log=click.echo)
-    except ValueError as e:
+    except LandmarkError as e:
         raise click.ClickException(str(e)) from None
     save_checkpoint(Path(out), soup)
     kept = sum(r["kept"] for r in soup["soup"]["ingredients"])

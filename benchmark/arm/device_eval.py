@@ -1,4 +1,4 @@
-"""Runs inside the emulated aarch64 root (benchmark/arm_check.py): every bundle on the same
+"""Runs inside the emulated aarch64 root (benchmark/arm/check.py): every bundle on the same
 preprocessed real-face crops, through the copied runtime/ only.
 
     python device_eval.py CROPS.npz OUT.json BUNDLE [BUNDLE ...]

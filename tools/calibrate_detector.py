@@ -10,8 +10,8 @@ ground-truth points rotated by the angle of YuNet's own eye points, the frame th
 in). The medians are the calibrations. YuNet's detection input size is chosen as the smallest
 of --sizes that finds at least --min-found of these faces.
 
-    python benchmark/calibrate_detector.py                 # print everything
-    python benchmark/calibrate_detector.py --write         # ... and update calibration.json
+    python tools/calibrate_detector.py                 # print everything
+    python tools/calibrate_detector.py --write         # ... and update calibration.json
 """
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def main(w300, split, limit, sizes, min_found, haar, write):
     if haar:
         click.echo("[3/3] Haar stages", err=True)
         out["haar"] = calibrate_haar(faces, HaarDetector())
-    cmd = "python benchmark/calibrate_detector.py " + " ".join(sys.argv[1:])
+    cmd = "python tools/calibrate_detector.py " + " ".join(sys.argv[1:])
     out.update({"yunet": yunet, "yunet_max_side": size, "yunet_sizes": size_table,
                 "command": cmd, "fitted_on": f"300-W {split}, {len(faces)} faces"})
     click.echo(json.dumps({k: out[k] for k in ("yunet", "yunet_max_side")}, indent=1))

@@ -1,7 +1,7 @@
 """INT8 latency of the two-head PFLD at each width against the teacher's FP32 latency, in one run.
 
-    python benchmark/latency_by_width.py --teacher artifacts/pfld_ghostone/onnx_sim_fp32
-    python benchmark/latency_by_width.py --teacher ... --widths 0.5 --necks 0,256   # neck widths
+    python tools/latency_by_width.py --teacher artifacts/pfld_ghostone/onnx_sim_fp32
+    python tools/latency_by_width.py --teacher ... --widths 0.5 --necks 0,256   # neck widths
 
 Latency does not depend on the weights, so each width is a freshly initialised two-head
 (68 + 98) PFLD, exported to ONNX and quantized by the onnxruntime backend on the real WFLW
@@ -57,7 +57,7 @@ def _int8_of_width(width: float, work: Path, calib: np.ndarray, neck: int = 0) -
               help="other bundles to time in the same run (e.g. artifacts/pfld68_w05/onnx_int8)")
 @click.option("--out", default="artifacts/latency_by_width.json", show_default=True)
 def main(teacher, widths, necks, runs, also, out):
-    calib_faces = scored_set("wflw:calib/rect").faces()
+    calib_faces = scored_set("wflw:calib").faces()
     lm = Landmarker.open(teacher, threads=1)
     calib = face_batch(calib_faces, lm.pre, "rect")
     x1 = calib[:1]

@@ -2,14 +2,14 @@
 Debian bookworm arm64 root under qemu-user, as on Raspberry Pi OS bookworm: Python 3.11.2,
 glibc 2.36), on real faces, compared with the same bundles on this x86 host.
 
-    make arm-check                        # = python benchmark/arm_check.py --install-tools
-    python benchmark/arm_check.py --cpu cortex-a72 --bundles artifacts/pfld68_w05
-    python benchmark/arm_check.py --dry-run     # the plan: what would be built, run, written
+    make arm-check                        # = python benchmark/arm/check.py --install-tools
+    python benchmark/arm/check.py --cpu cortex-a72 --bundles artifacts/pfld68_w05
+    python benchmark/arm/check.py --dry-run     # the plan: what would be built, run, written
 
 Steps: (1) host tools (qemu-user-static, debootstrap; `--install-tools` apt-installs them);
 (2) a cached arm64 root in --cache (debootstrap, built once into a temporary folder and renamed
 into place); (3) one venv per runtime/requirements*.txt inside it, cached by the file's sha256;
-(4) runtime/, the bundles and a fixed sample of real face crops (every 4th WFLW evaluation face,
+(4) runtime/, the bundles and a fixed sample of real face crops (every 4th WFLW test face,
 rect crops, and every 4th HELEN test face) staged in the root; (5) each bundle runs there under
 `QEMU_CPU=<cpu>` through the copied runtime only, in a private mount namespace (unshare) where
 /proc is mounted and /proc/cpuinfo shows a Raspberry Pi-like CPU (LiteRT and onnxruntime crash at
@@ -37,7 +37,7 @@ import numpy as np
 
 from common import defaults
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
 PACKAGES = "python3,python3-venv,python3-pip,ca-certificates,libgomp1"
@@ -47,7 +47,7 @@ CPUS = {   # QEMU_CPU -> (what it stands for, MIDR_EL1, cpuinfo "CPU part")
 }
 REQUIREMENTS = {"tflite": "requirements.txt", "onnxruntime": "requirements-onnxruntime.txt",
                 "openvino": "requirements-openvino.txt"}
-SETS = (("wflw:eval/rect", 4), ("300w:helen_test/landmarks", 4))
+SETS = (("wflw:test/rect", 4), ("300w:helen_test/landmarks", 4))
 
 
 class ArmError(click.ClickException):
@@ -429,7 +429,7 @@ def compare(metas, mats, crops, arm, sample, cpu, budget, machine) -> dict:
                 r["drift_basis"] = "INT8 against FP32 on ARM, on the sample (no quantize report)"
             else:
                 continue
-            gated = {k: v for k, v in r["drift_arm_points"].items() if k.startswith("wflw:eval/")}
+            gated = {k: v for k, v in r["drift_arm_points"].items() if k.startswith("wflw:test/")}
             r["within_budget_on_arm"] = all(abs(v) <= budget for v in gated.values())
     for b, m in metas.items():
         verdict(by_model[b.parent.name][b.name], m)
@@ -447,14 +447,14 @@ def x86_drift(bundle: Path) -> dict | None:
     for be in json.loads(path.read_text()).get("backends", {}).values():
         if be.get("status") == "ok" and Path(be.get("int8_bundle") or "").name == bundle.name:
             return {k: (v["int8"]["nme"] - v["fp32"]["nme"]) * 100 for k, v in be["nme"].items()
-                    if k.startswith("wflw:eval/") and "int8" in v and "fp32" in v}
+                    if k.startswith("wflw:test/") and "int8" in v and "fp32" in v}
     return None
 
 
 def _sampled(key: str) -> str:
     """The sample figure whose ARM effect stands for a gated set: the rect crops of the
     evaluation faces, with the same head ("@68" or not)."""
-    return "wflw:eval/rect" + ("@68" if key.endswith("@68") else "")
+    return "wflw:test/rect" + ("@68" if key.endswith("@68") else "")
 
 
 def verdict(row: dict, meta) -> None:
@@ -493,7 +493,7 @@ def write(out: Path, report: dict, log) -> None:
              "|---|---|---|---|---|---|---|---|---|"]
 
     def worst(d):      # the largest |drift| over the gated sets, signed
-        v = max((v for k, v in (d or {}).items() if k.startswith("wflw:eval/")), key=abs,
+        v = max((v for k, v in (d or {}).items() if k.startswith("wflw:test/")), key=abs,
                 default=None)
         return "-" if v is None else f"{v:+.3f}"
     for r in report["rows"]:
@@ -507,7 +507,7 @@ def write(out: Path, report: dict, log) -> None:
         drift = worst(r.get("drift_arm_points"))
         if r.get("drift_arm_sample_points") and r.get("drift_x86_points"):
             drift += f" ({worst(r['drift_arm_sample_points'])})"
-        lines.append(f"| {r['model']} | {r['bundle']} | ok | {f('wflw:eval/rect')} | "
+        lines.append(f"| {r['model']} | {r['bundle']} | ok | {f('wflw:test/rect')} | "
                      f"{f('300w:helen_test/landmarks')} | {r['max_shift_vs_x86_px']:.3f} | "
                      f"{worst(r.get('arm_effect_points'))} | {drift} | {r['verdict']} |")
     atomic_write_text(out / "results.md", "\n".join(lines) + "\n")

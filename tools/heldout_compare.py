@@ -1,0 +1,54 @@
+"""Score checkpoints on the held-out sets of one training run, side by side: the figure
+candidates are chosen by (train/engine._selection_metric: the mean over the run's held-out sets).
+
+    python tools/heldout_compare.py --run runs/student_wflw_w05/best.pt models/student_w05.pt runs/x.pt
+
+The held-out sets are rebuilt from --run's saved config (train.refit.checkpoint_data): e.g. the
+held-out 300-W, WFLW-train and pool faces. No test face is scored. Team tool.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+@click.command()
+@click.option("--run", "run_ck", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="checkpoint whose run defines the held-out sets")
+@click.argument("checkpoints", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--threads", default=1, show_default=True)
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="also write JSON here")
+def main(run_ck, checkpoints, threads, out):
+    import numpy as np
+    import torch
+
+    from runtime.preprocess import Preprocess
+    from train.engine import _evaluate, load_checkpoint, model_from_checkpoint
+    from train.refit import checkpoint_data
+    torch.set_num_threads(threads)
+    data = checkpoint_data(load_checkpoint(run_ck), run_ck)
+    data.extra = {}
+    rows = {}
+    for path in checkpoints:
+        ck = load_checkpoint(path)
+        model = model_from_checkpoint(ck).eval()
+        res = _evaluate(model, data, Preprocess.from_dict(ck["preprocess"]))
+        rows[path] = {k: v["nme"] for k, v in res.items()}
+        rows[path]["mean"] = float(np.mean([v["nme"] for v in res.values()]))
+    sets = [k for k in next(iter(rows.values())) if k != "mean"]
+    click.echo("| checkpoint | " + " | ".join(f"{s} ({len(data.val[s][0])})" for s in sets) + " | mean |")
+    click.echo("|---" * (len(sets) + 2) + "|")
+    for path, r in rows.items():
+        click.echo(f"| {path} | " + " | ".join(f"{r[s] * 100:.2f}" for s in sets) + f" | {r['mean'] * 100:.3f} |")
+    if out:
+        from runtime.bundle import atomic_write_json
+        atomic_write_json(out, {"run": run_ck, "sets": {s: len(data.val[s][0]) for s in sets},
+                                "nme": rows})
+
+
+if __name__ == "__main__":
+    main()
