@@ -1,6 +1,6 @@
 """The torch FP32 reference as one engine the benchmark runs like every deployment engine.
 
-It runs train.model on a checkpoint (models/pfld68_w05.pt), so the benchmark measures the
+It runs a checkpoint's network (train.checkpoint; models/pfld68_w05.pt), so the benchmark measures the
 reference exactly like the others: same preprocessing, same decoding, same timing loop. torch
 is imported only when the engine is built, so the worker's memory baseline (and the torch-free
 runtime) do not pay for it. It is not registered in runtime.engines.ENGINES (what a device
@@ -13,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.bundle import BundleMeta, FileInfo, InputSpec, Lineage, OutputSpec
+from runtime.bundle import BundleMeta, FileInfo, InputSpec, Lineage
 from runtime.engines import ENGINES, Engine, EngineUnavailable
-from runtime.preprocess import Preprocess
 
 
 class TorchEngine(Engine):
@@ -34,14 +33,14 @@ class TorchEngine(Engine):
             raise EngineUnavailable(f"the torch reference runs on CPU only, not on {device}")
         import torch
 
-        from train.engine import load_checkpoint, model_from_checkpoint
+        from train.checkpoint import Checkpoint
         torch.set_num_threads(max(1, threads))
         try:
             torch.set_num_interop_threads(1)
         except RuntimeError:   # already set in this process: harmless
             pass
         self._torch = torch
-        self.model = model_from_checkpoint(load_checkpoint(self.path))
+        self.model = Checkpoint.load(self.path).build()
 
     def run(self, batch):
         with self._torch.inference_mode():
@@ -56,24 +55,16 @@ def bench_engines() -> dict[str, type[Engine]]:
 
 
 def checkpoint_meta(path: str | Path) -> BundleMeta:
-    """A checkpoint described as a bundle (preprocess, outputs per head) for the planner."""
+    """A checkpoint described as a bundle (preprocess, outputs per head) for the planner: the
+    outputs its export would record (train.checkpoint.Checkpoint.outputs)."""
     from runtime.bundle import sha256
-    from train.engine import load_checkpoint
+    from train.checkpoint import Checkpoint
     path = Path(path)
-    ck = load_checkpoint(path)
-    heads = ck["arch"].get("heads")
-    if ck["arch"].get("family") == "heatmap":
-        from train.model import build
-        outputs = [OutputSpec("heatmaps", "heatmaps", ck["scheme"],
-                              params=build(ck["arch"]).output_params())]
-    else:
-        outputs = ([OutputSpec(f"points_{h}", "points", h, index=i) for i, h in enumerate(heads)]
-                   if heads else [OutputSpec("points", "points", ck["scheme"])])
-    n = int(ck["arch"].get("input_size", 112))
+    ck = Checkpoint.load(path)
+    n = ck.input_size
     meta = BundleMeta(path.stem, TorchEngine.name, "fp32",
                       {path.name: FileInfo(sha256(path), path.stat().st_size)},
-                      Preprocess.from_dict(ck["preprocess"]), outputs, InputSpec("input", "NCHW",
-                                                                                 [-1, 3, n, n]),
+                      ck.preprocess, ck.outputs(), InputSpec("input", "NCHW", [-1, 3, n, n]),
                       lineage=Lineage(stage="checkpoint",
                                       source_checkpoint={"path": str(path), "sha256": sha256(path)}))
     meta.folder = path.parent

@@ -1,9 +1,10 @@
 """What an export starts from: `checkpoint_source` loads a training checkpoint (load_model
-checks its weights against the PFLD its arch describes) and `import_source` checks an outside
-ONNX or TFLite model against its spec JSON (the _check_* functions: graph validity, input
-rank, layout, size and channels, the output the spec reads, and one run on a blank batch).
-Both return an export.base.Source, or raise ExportInputError naming the mismatch before
-anything is built; export.stages.export_all and import_model call them.
+checks its weights against the network its arch describes; its model family, train/family.py,
+describes its outputs) and `import_source` checks an outside ONNX or TFLite model against its
+spec JSON (the _check_* functions: graph validity, input rank, layout, size and channels, the
+output the spec reads, and one run on a blank batch). Both return an export.base.Source, or
+raise ExportInputError naming the mismatch before anything is built; export.stages.export_all
+and import_model call them.
 """
 from __future__ import annotations
 
@@ -19,24 +20,24 @@ from runtime.preprocess import Preprocess
 
 
 def load_model(checkpoint: str | Path):
-    """(checkpoint dict, eval-mode PFLD); ExportInputError for anything that is not one."""
+    """(train.checkpoint.Checkpoint, eval-mode network); ExportInputError for anything that is
+    not one."""
     from runtime.schemes import get_scheme
-    from train.engine import load_checkpoint, model_from_checkpoint
-    from train.model import build
+    from train.checkpoint import Checkpoint
     try:
-        ck = load_checkpoint(checkpoint)
+        ck = Checkpoint.load(checkpoint)
     except FileNotFoundError as e:
         raise ExportInputError(str(e)) from None
     except ValueError as e:
         raise ExportInputError(f"{e}\n(expected a checkpoint written by train/run.py fit or "
                                "train/ship.py)") from None
     try:
-        expected = build(ck["arch"]).state_dict()
-        scheme = get_scheme(ck["scheme"])
+        expected = ck.family.build(ck.arch).state_dict()
+        scheme = get_scheme(ck.scheme)
     except (ValueError, KeyError, TypeError) as e:
-        raise ExportInputError(f"{checkpoint}: arch {ck['arch']!r} / scheme {ck['scheme']!r} is "
+        raise ExportInputError(f"{checkpoint}: arch {ck.arch!r} / scheme {ck.scheme!r} is "
                                f"not a PFLD this exporter can build: {e}") from None
-    got = ck["model"] if isinstance(ck["model"], dict) else {}
+    got = ck.weights if isinstance(ck.weights, dict) else {}
     problems = [f"{k} is missing" for k in expected if k not in got]
     problems += [f"{k} has shape {tuple(got[k].shape)}, expected {tuple(v.shape)}"
                  for k, v in expected.items() if k in got and tuple(got[k].shape) != tuple(v.shape)]
@@ -44,25 +45,17 @@ def load_model(checkpoint: str | Path):
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise ExportInputError(f"{checkpoint}: the weights are not those of the PFLD its arch "
-                               f"{ck['arch']} describes: {'; '.join(problems[:3])}{more}")
-    if not ck["arch"].get("heads") and scheme.num_points != int(ck["arch"]["num_points"]):
+                               f"{ck.arch} describes: {'; '.join(problems[:3])}{more}")
+    if not ck.named_heads and scheme.num_points != ck.num_points:
         raise ExportInputError(f"{checkpoint}: scheme {scheme.name} has {scheme.num_points} points "
-                               f"but the network predicts {ck['arch']['num_points']}")
-    return ck, model_from_checkpoint(ck)
+                               f"but the network predicts {ck.num_points}")
+    return ck, ck.build()
 
 
 def checkpoint_source(checkpoint: str | Path) -> Source:
-    from train.model import head_names
     ck, model = load_model(checkpoint)
-    heads = ck["arch"].get("heads")
-    if ck["arch"].get("family") == "heatmap":
-        outputs = [OutputSpec("heatmaps", "heatmaps", ck["scheme"], params=model.output_params())]
-    elif heads:
-        outputs = [OutputSpec(f"points_{h}", "points", h, index=i) for i, h in enumerate(heads)]
-    else:
-        outputs = [OutputSpec(head_names(ck["arch"])[0], "points", ck["scheme"])]
-    return Source("checkpoint", Path(checkpoint), sha256(checkpoint),
-                  Preprocess.from_dict(ck["preprocess"]), outputs, InputSpec(), model)
+    return Source("checkpoint", Path(checkpoint), sha256(checkpoint), ck.preprocess,
+                  ck.outputs(model), InputSpec(), model)
 
 
 def import_source(model_file: str | Path, spec_path: str | Path) -> Source:

@@ -26,17 +26,16 @@ def main(run_ck, checkpoints, threads, out):
     import numpy as np
     import torch
 
-    from runtime.preprocess import Preprocess
-    from train.engine import _evaluate, load_checkpoint, model_from_checkpoint
+    from train.checkpoint import Checkpoint, load_checkpoint
+    from train.engine import _evaluate
     from train.refit import checkpoint_data
     torch.set_num_threads(threads)
     data = checkpoint_data(load_checkpoint(run_ck), run_ck)
     data.extra = {}
     rows = {}
     for path in checkpoints:
-        ck = load_checkpoint(path)
-        model = model_from_checkpoint(ck).eval()
-        res = _evaluate(model, data, Preprocess.from_dict(ck["preprocess"]))
+        ck = Checkpoint.load(path)
+        res = _evaluate(ck.build(), data, ck.preprocess)
         rows[path] = {k: v["nme"] for k, v in res.items()}
         rows[path]["mean"] = float(np.mean([v["nme"] for v in res.values()]))
     sets = [k for k in next(iter(rows.values())) if k != "mean"]

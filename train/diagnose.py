@@ -25,9 +25,9 @@ import numpy as np
 
 from evaluation.metrics import nme_per_face, predict_faces
 from evaluation.sets import load_set, set_info
-from runtime.preprocess import Preprocess
 from runtime.schemes import get_scheme
-from train.engine import load_checkpoint, model_from_checkpoint, torch_predictor
+from train.checkpoint import Checkpoint
+from train.engine import torch_predictor
 from train.refit import checkpoint_data
 from runtime.errors import ConfigError
 
@@ -46,16 +46,16 @@ def fit_report(checkpoint, sample: int = 600, teacher=None, data_root=None, wflw
     heldout_box_nme (pool sets)}},
     "teacher": {protocol: {student_nme, teacher_nme, student_to_teacher}}} (NME fractions).
     `pool` False: the labelled faces only (no teacher labels needed)."""
-    ck = load_checkpoint(checkpoint)
-    heads = list(ck["arch"].get("heads") or {})
-    if ck["arch"].get("family") == "heatmap" or not heads:
+    ck = Checkpoint.load(checkpoint)
+    heads = ck.named_heads
+    if not ck.family.multi_head or not heads:
         raise ConfigError(f"{checkpoint}: fit-report needs a PFLD trained with --heads "
                          "(its run config names its training faces)")
-    data = checkpoint_data(ck, checkpoint, data_root, pool)
-    model = model_from_checkpoint(ck)
-    pre = Preprocess.from_dict(ck["preprocess"])
+    data = checkpoint_data(ck.raw, checkpoint, data_root, pool)
+    model = ck.build()
+    pre = ck.preprocess
     labelled = {str(f.image_path) for f in data.labelled}
-    own = ck["scheme"]
+    own = ck.scheme
     logged = {**data.val, **data.extra}
     groups = {}          # held-out set -> (head, [(training face, its target)], held-out faces)
     for name, (faces, head) in data.val.items():

@@ -5,7 +5,6 @@ Used by train/run.py; tests call `train(TrainConfig(...))` directly.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -19,15 +18,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from runtime.bundle import atomic_write_bytes
 from runtime.pose import head_pose
 from runtime.preprocess import Preprocess
 from runtime.schemes import get_scheme
 from evaluation import data as D
 from train.augment import AugmentConfig, augment_sets
-from train.loss import LOSSES
+from train.checkpoint import Checkpoint, save_checkpoint
+from train.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: F401 - re-exported
+from train.family import FAMILIES, family_of
 from evaluation.metrics import evaluate
-from train.model import PFLD, build, count_params
+from train.model import count_params
 from runtime.errors import ConfigError
 
 SCHEME_OF = {"wflw": "wflw98", "300w": "300w68"}
@@ -76,7 +76,8 @@ class TrainConfig:
     select_on_boxes: bool = False        # the held-out pool faces cropped from their detector
                                          # boxes join the selection mean (always logged)
     neck: int = 0                        # PFLD's last-stage channels (0: 128 x width; train/model.py)
-    family: str = "pfld"                 # pfld (coordinate regression) | heatmap (train/heatmap.py)
+    family: str = "pfld"                 # train.family.FAMILIES: pfld (coordinate regression) |
+                                         # heatmap (train/heatmap.py)
     hm_encoding: str = "continuous"      # heatmap targets: continuous | rounded (the baseline)
     hm_decoder: str = "local_soft_argmax"   # runtime.decode.HEATMAP_DECODERS
     hm_window: int = 5                   # local soft-argmax window
@@ -154,36 +155,6 @@ def make_batch(items: list[Item], idx, heads: list[str], pre: Preprocess, rng,
     return x, targets, pose, torch.from_numpy(np.stack(attrs).astype(np.float32))
 
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many types for a bad file
-        raise ConfigError(f"{path} is not a readable checkpoint: {e}") from None
-    for key in ("arch", "model", "scheme", "preprocess"):
-        if not isinstance(ck, dict) or key not in ck:
-            raise ConfigError(f"{path} is not a landmark checkpoint of this project (no {key!r})")
-    return ck
-
-
-def model_from_checkpoint(ck: dict) -> PFLD:
-    m = build(ck["arch"])
-    try:
-        m.load_state_dict(ck["model"])
-    except RuntimeError as e:
-        raise ConfigError(f"checkpoint weights do not fit the PFLD architecture {ck['arch']}: "
-                         f"{str(e).splitlines()[0]}") from None
-    return m.eval()
-
-
 class WeightAverage:
     """Exponential moving average of every float tensor in a model's state (weights and
     BatchNorm statistics), warmed up as decay_t = min(decay, (1 + t) / (10 + t)) so the first
@@ -207,12 +178,9 @@ class WeightAverage:
 
 
 def torch_predictor(model, head: str | None = None):
-    """NCHW numpy batch -> (N, 2K) numpy points of one head (default: the only/first one); a
-    heatmap model's maps are decoded by the runtime's decoder."""
-    decode = None
-    if getattr(model, "family", "pfld") == "heatmap":
-        from train.heatmap import to_numpy_decoder
-        decode = to_numpy_decoder(model)
+    """NCHW numpy batch -> (N, 2K) numpy points of one head (default: the only/first one); the
+    outputs of a family with a decoder (a heatmap model's maps) are decoded by the runtime's."""
+    decode = family_of(getattr(model, "arch", {})).decoder(model)
 
     def predict(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -407,43 +375,12 @@ def _point_weights(dis: np.ndarray, tau: float) -> np.ndarray:
     return (1.0 / (1.0 + (dis / tau) ** 2)).astype(np.float32)
 
 
-def build_model(cfg: TrainConfig, heads: list[str]) -> PFLD:
-    """The network of a run, from --init weights when given (across head layouts)."""
-    from train.model import load_partial, widen_neck
-    if cfg.family == "heatmap":
-        from train.heatmap import HeatmapPFLD
-        if len(heads) != 1:
-            raise ConfigError("the heatmap family has one head (one point scheme)")
-        model = HeatmapPFLD(get_scheme(heads[0]).num_points, cfg.width,
-                            encoding=cfg.hm_encoding, decoder=cfg.hm_decoder,
-                            window=cfg.hm_window)
-        if cfg.init:
-            init = load_checkpoint(cfg.init)
-            fresh = load_partial(model, init["model"])
-            print(f"--init {cfg.init}: left at their initial values: {', '.join(fresh) or 'none'}",
-                  flush=True)
-        return model.to(memory_format=torch.channels_last)
-    neck = cfg.neck or None
-    if len(heads) == 1 and not cfg.heads:
-        model = PFLD(get_scheme(heads[0]).num_points, cfg.width, neck=neck)
-    else:
-        model = PFLD(0, cfg.width, heads={h: get_scheme(h).num_points for h in heads}, neck=neck)
-    if cfg.init:
-        init = load_checkpoint(cfg.init)
-        if init["arch"] == model.arch:
-            model.load_state_dict(init["model"])
-        elif {k: v for k, v in init["arch"].items() if k != "neck"} == \
-                {k: v for k, v in model.arch.items() if k != "neck"}:
-            grown = widen_neck(model, init["model"])
-            print(f"--init {cfg.init}: neck widened to {model.arch.get('neck')} channels, "
-                  f"function kept ({', '.join(grown)})", flush=True)
-        else:
-            if float(init["arch"]["width"]) != cfg.width:
-                raise ConfigError(f"--init {cfg.init} holds a width-{init['arch']['width']} PFLD, "
-                                 f"not width {cfg.width}")
-            fresh = load_partial(model, init["model"])
-            print(f"--init {cfg.init}: {init['arch']} -> {model.arch}; left at their initial "
-                  f"values: {', '.join(fresh) or 'none'}", flush=True)
+def build_model(cfg: TrainConfig, heads: list[str]) -> torch.nn.Module:
+    """The network of a run (its family's builder), from --init weights when given."""
+    family = FAMILIES[cfg.family]
+    if not family.multi_head and len(heads) != 1:
+        raise ConfigError(f"the {family.name} family has one head (one point scheme)")
+    model = family.build_for_training(cfg, heads)
     return model.to(memory_format=torch.channels_last)
 
 
@@ -451,16 +388,6 @@ def _schedule(opt, total: int, steps_per_epoch: int):
     warm = min(steps_per_epoch, max(1, total // 10))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
         0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
-
-
-def _heatmap_loss(cfg: TrainConfig, model, heads, x, targets, n_crop: int):
-    from train.heatmap import heatmap_loss
-    pred = model(x.to(memory_format=torch.channels_last))
-    y, mask, pw = targets[heads[0]]
-    pts = y.reshape(len(y), -1, 2) * n_crop
-    loss = heatmap_loss(pred[mask], pts[mask], pw[mask], model.sigma,
-                        cfg.hm_encoding == "continuous")
-    return loss, 0.0
 
 
 def _siamese_step(cfg: TrainConfig, model, data: "RunData", idx, pre: Preprocess, rng):
@@ -492,31 +419,8 @@ def _siamese_step(cfg: TrainConfig, model, data: "RunData", idx, pre: Preprocess
 
 
 def _batch_loss(cfg: TrainConfig, model, heads: list[str], x, targets, pose, attrs):
-    """Sum over heads of weight x loss on the faces labelled for that head, + the pose loss."""
-    if cfg.family == "heatmap":
-        return _heatmap_loss(cfg, model, heads, x, targets, x.shape[-1])
-    preds, pose_pred = model(x.to(memory_format=torch.channels_last), with_pose=True)
-    if not isinstance(preds, tuple):
-        preds = (preds,)
-    loss_fn = LOSSES[cfg.loss]
-    hw = cfg.head_weights or (1.0,) * len(heads)
-    loss = torch.zeros(())
-    nme = 0.0
-    for h, w, pred in zip(heads, hw, preds):
-        y, mask, pw = targets[h]
-        if not mask.any():
-            continue
-        if cfg.loss == "pfld":
-            loss = loss + w * loss_fn(pred[mask], y[mask], pose_pred=pose_pred[mask],
-                                      pose_target=pose[mask], attributes=attrs[mask])
-        else:
-            loss = loss + w * loss_fn(pred[mask], y[mask], weights=pw[mask])
-        with torch.no_grad():
-            nme += float((pred.detach()[mask] - y[mask]).reshape(int(mask.sum()), -1, 2)
-                         .norm(dim=-1).mean())
-    if cfg.loss != "pfld":
-        loss = loss + cfg.pose_weight * (pose_pred - pose).abs().mean()
-    return loss, nme
+    """The family's loss of a batch: (loss, mean point distance or 0.0)."""
+    return FAMILIES[cfg.family].loss(cfg, model, heads, x, targets, pose, attrs)
 
 
 def _evaluate(model, data: RunData, pre: Preprocess) -> dict:
@@ -561,7 +465,7 @@ def train(cfg: TrainConfig) -> dict:
     sched = _schedule(opt, total, steps_per_epoch)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     ema = WeightAverage(model, cfg.ema) if cfg.ema else None
-    evaluated = build(model.arch) if ema else model   # holds the average
+    evaluated = family_of(model).build(model.arch) if ema else model   # holds the average
 
     start_epoch, step, best, history = 0, 0, float("inf"), []
     last = out / "last.pt"
@@ -619,10 +523,11 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _resume(last: Path, cfg, model, ema, opt, sched, rng, rank, world):
-    ck = load_checkpoint(last)
-    if ck["arch"] != model.arch:
-        raise ConfigError(f"{last} holds a different architecture {ck['arch']}; "
+    loaded = Checkpoint.load(last)
+    if loaded.arch != model.arch:
+        raise ConfigError(f"{last} holds a different architecture {loaded.arch}; "
                          "use another --out or delete it")
+    ck = loaded.raw
     if ema is not None and "train_model" not in ck:
         raise ConfigError(f"{last} was written without --ema; resume it without --ema "
                          "or use another --out")

@@ -9,34 +9,32 @@ from pathlib import Path
 from evaluation.metrics import evaluate, plot_ced
 from evaluation.sets import scored_set, scorings
 from runtime.bundle import atomic_write_json
-from runtime.preprocess import Preprocess
 from runtime.schemes import get_scheme
-from train.engine import load_checkpoint, model_from_checkpoint, torch_predictor
-from train.model import head_names
+from train.checkpoint import Checkpoint
+from train.engine import torch_predictor
 
 SETS = ("wflw:test/landmarks", "wflw:test/rect")
 
 
 def evaluate_checkpoint(checkpoint, wflw=None, w300=None, w300_split="helen_test", out=None,
                         sets=None, decoder: dict | None = None) -> dict:
-    """decoder: for a heatmap model, decoder settings to use instead of the checkpoint's
-    (e.g. {"decoder": "argmax_quarter"} or {"window": 3}): the decoding ablation."""
-    ck = load_checkpoint(checkpoint)
-    if decoder and ck["arch"].get("family") == "heatmap":
-        ck = dict(ck, arch={**ck["arch"], **decoder})
-    model = model_from_checkpoint(ck)
-    pre = Preprocess.from_dict(ck["preprocess"])
-    heads = head_names(ck["arch"])
-    schemes = list(ck["arch"]["heads"]) if ck["arch"].get("heads") else [ck["scheme"]]
+    """decoder: for a model whose family has decoder settings (heatmap), settings to use
+    instead of the checkpoint's (e.g. {"decoder": "argmax_quarter"} or {"window": 3}): the
+    decoding ablation (Checkpoint.with_decoder; a PFLD ignores them)."""
+    ck = Checkpoint.load(checkpoint).with_decoder(decoder)
+    model = ck.build()
+    pre = ck.preprocess
+    names, schemes = ck.output_names, ck.heads
     keys = sets or (f"300w:{w300_split}/landmarks", *SETS)
-    res, curves = {"checkpoint": str(checkpoint), "scheme": ck["scheme"], "heads": schemes,
-                   "width": ck["arch"]["width"], "params": ck.get("params"),
-                   "epochs": ck.get("epoch"), "train_time_s": ck["history"][-1].get("elapsed_s")
-                   if ck.get("history") else None}, {}
+    history = ck.raw.get("history")
+    res, curves = {"checkpoint": str(checkpoint), "scheme": ck.scheme, "heads": schemes,
+                   "width": ck.width, "params": ck.raw.get("params"),
+                   "epochs": ck.raw.get("epoch"),
+                   "train_time_s": history[-1].get("elapsed_s") if history else None}, {}
     for key in keys:
         s = scored_set(key, {"wflw": wflw, "300w": w300}.get(key.split(":")[0]))
         for sc in scorings(schemes, s.scheme):
-            predict = torch_predictor(model, heads[sc.output] if ck["arch"].get("heads") else None)
+            predict = torch_predictor(model, names[sc.output])
             r = evaluate(predict, s.faces(), pre, get_scheme(schemes[sc.output]),
                          get_scheme(s.scheme), s.protocol, as68=sc.as68)
             curves[s.key + sc.suffix] = r.pop("_nme")

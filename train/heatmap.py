@@ -13,6 +13,9 @@ for Facial Landmark Localization", 2021) on the PFLD MobileNetV2 backbone.
   of its augmentation, the two are averaged and compared with the canonical target.
 Decoding is the runtime's (runtime.decode.HeatmapDecoder, numpy): training evaluation, export
 parity, INT8 drift, the benchmark and the device all use that one implementation.
+
+This module registers the "heatmap" model family (train/family.py): one head, decoder settings
+("decoder", "window") an evaluation may override.
 """
 from __future__ import annotations
 
@@ -22,8 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.decode import HEATMAP_SIGMA, HEATMAP_TAU
-from train.model import InvertedResidual, _ch, conv_bn
 from runtime.errors import ConfigError
+from runtime.schemes import get_scheme
+from train.family import Family, register_family
+from train.model import InvertedResidual, _ch, conv_bn, load_partial
 
 STRIDE = 4
 ENCODINGS = ("continuous", "rounded")
@@ -89,6 +94,32 @@ def build_heatmap(arch: dict) -> HeatmapPFLD:
                        int(arch.get("window", 5)), float(arch.get("tau", HEATMAP_TAU)))
 
 
+def output_names(arch: dict) -> list[str]:
+    return ["heatmaps"]
+
+
+def describe_outputs(arch: dict, scheme: str, model: HeatmapPFLD | None = None) -> list:
+    """One "heatmaps" output of the checkpoint's scheme, with the decoder's settings."""
+    from runtime.bundle import OutputSpec
+    params = (model if model is not None else build_heatmap(arch)).output_params()
+    return [OutputSpec(output_names(arch)[0], "heatmaps", scheme, params=params)]
+
+
+def build_for_training(cfg, heads: list[str]) -> HeatmapPFLD:
+    """The heatmap network of a training run (cfg: train.engine.TrainConfig, one head), from
+    --init weights when given (the tensors that fit, e.g. a PFLD's backbone)."""
+    from train.checkpoint import Checkpoint
+    model = HeatmapPFLD(get_scheme(heads[0]).num_points, cfg.width,
+                        encoding=cfg.hm_encoding, decoder=cfg.hm_decoder,
+                        window=cfg.hm_window)
+    if cfg.init:
+        init = Checkpoint.load(cfg.init)
+        fresh = load_partial(model, init.weights)
+        print(f"--init {cfg.init}: left at their initial values: {', '.join(fresh) or 'none'}",
+              flush=True)
+    return model
+
+
 def heatmap_targets(points: torch.Tensor, size: int, sigma: float,
                     continuous: bool = True) -> torch.Tensor:
     """(N, K, 2) crop-pixel points -> (N, K, size, size) Gaussians with peak 1."""
@@ -109,6 +140,16 @@ def heatmap_loss(pred: torch.Tensor, points: torch.Tensor, weights: torch.Tensor
     per_point = (pred - t).square().mean((-1, -2))                      # (N, K)
     w = weights / weights.mean(1, keepdim=True).clamp_min(1e-6)
     return (per_point * w).mean() * 100.0     # x100: the map is mostly zeros
+
+
+def batch_loss(cfg, model, heads: list[str], x, targets, pose=None, attrs=None):
+    """The heatmap loss of a batch (its one head; no pose branch): (loss, 0.0)."""
+    pred = model(x.to(memory_format=torch.channels_last))
+    y, mask, pw = targets[heads[0]]
+    pts = y.reshape(len(y), -1, 2) * x.shape[-1]
+    loss = heatmap_loss(pred[mask], pts[mask], pw[mask], model.sigma,
+                        cfg.hm_encoding == "continuous")
+    return loss, 0.0
 
 
 def warp_to_canonical(h: torch.Tensor, to_canonical: torch.Tensor) -> torch.Tensor:
@@ -152,11 +193,9 @@ def siamese_loss(pred0: torch.Tensor, pred1: torch.Tensor, m0: torch.Tensor, m1:
 
 def to_numpy_decoder(model: HeatmapPFLD):
     """The runtime's decoder for this model's output (numpy), as training evaluation uses it."""
-    from runtime.bundle import OutputSpec
     from runtime.decode import HeatmapDecoder
     scheme = {68: "300w68", 98: "wflw98"}[model.num_points]
-    return HeatmapDecoder(OutputSpec("heatmaps", "heatmaps", scheme, params=model.output_params()),
-                          model.input_size)
+    return HeatmapDecoder(describe_outputs(model.arch, scheme, model)[0], model.input_size)
 
 
 def canonical_matrix(points: np.ndarray, size: int, scale: float = 1.25) -> np.ndarray:
@@ -167,3 +206,10 @@ def canonical_matrix(points: np.ndarray, size: int, scale: float = 1.25) -> np.n
     s = size / side
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     return np.array([[s, 0, size / 2 - cx * s], [0, s, size / 2 - cy * s]], np.float64)
+
+
+FAMILY = register_family(Family(
+    name=HeatmapPFLD.family, summary="subpixel heatmap regression (train/heatmap.py)",
+    build=build_heatmap, output_names=output_names, named_heads=lambda arch: [],
+    describe_outputs=describe_outputs, build_for_training=build_for_training, loss=batch_loss,
+    decoder=to_numpy_decoder, multi_head=False, decoder_settings=("decoder", "window")))

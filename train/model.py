@@ -11,12 +11,20 @@ exported graph has one output: (N, 2K) point coordinates in crop-normalised [0, 
 A multi-head PFLD (`heads={"300w68": 68, "wflw98": 98}`) shares the backbone and has one
 fully-connected head per point scheme; `forward` then returns one (N, 2K) tensor per head, in
 the order of `heads` (an exported graph has one output per head), and `forward_heads` a dict.
+
+This module registers the "pfld" model family (train/family.py): its builder, output
+descriptions, training-time builder (`build_for_training`: --init across head layouts, a
+narrower neck widened) and loss (`batch_loss`: coordinate regression + head pose).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
 from runtime.errors import ConfigError
+from runtime.schemes import get_scheme
+from train.family import Family, is_family, register_family
+from train.loss import LOSSES
 
 
 def _ch(c: int, width: float) -> int:
@@ -111,21 +119,35 @@ class PFLD(nn.Module):
 
 
 def build(arch: dict) -> PFLD:
-    """Model from the 'arch' dict stored in every checkpoint (either family)."""
-    if arch.get("family") == "heatmap":
-        from train.heatmap import build_heatmap
-        return build_heatmap(arch)
+    """PFLD from the 'arch' dict its checkpoints store (any family's network:
+    train.family.family_of(arch).build(arch), or train.checkpoint.Checkpoint.build)."""
+    if not is_family(arch, FAMILY):
+        raise ConfigError(f"arch {arch} is not a PFLD; build it with its own family "
+                          "(train.family.family_of(arch).build)")
     heads = arch.get("heads")
     return PFLD(int(arch.get("num_points", 0) or 68), float(arch["width"]),
                 int(arch.get("input_size", 112)), {k: int(v) for k, v in heads.items()} if heads else None,
                 int(arch["neck"]) if arch.get("neck") else None)
 
 
-def head_names(arch: dict) -> list[str]:
-    """The output names of a network: one per head, ["heatmaps"] or ["points"]."""
-    if arch.get("family") == "heatmap":
-        return ["heatmaps"]
-    return list(arch["heads"]) if arch.get("heads") else ["points"]
+def named_heads(arch: dict) -> list[str]:
+    """The point scheme of each head of a multi-head PFLD; [] for a single-head one."""
+    return list(arch.get("heads") or {})
+
+
+def output_names(arch: dict) -> list[str]:
+    """The output names of a PFLD: one per head, or ["points"]."""
+    return named_heads(arch) or ["points"]
+
+
+def describe_outputs(arch: dict, scheme: str, model=None) -> list:
+    """One OutputSpec per output: "points_<scheme>" per head (index = output position), or
+    one "points" output of the checkpoint's scheme."""
+    from runtime.bundle import OutputSpec
+    heads = named_heads(arch)
+    if heads:
+        return [OutputSpec(f"points_{h}", "points", h, index=i) for i, h in enumerate(heads)]
+    return [OutputSpec(output_names(arch)[0], "points", scheme)]
 
 
 def load_partial(model: PFLD, state: dict) -> list[str]:
@@ -172,3 +194,65 @@ def widen_neck(model: PFLD, state: dict) -> list[str]:
 def count_params(model: nn.Module, inference_only: bool = True) -> int:
     return sum(p.numel() for n, p in model.named_parameters()
                if not (inference_only and n.startswith("aux.")))
+
+
+def build_for_training(cfg, heads: list[str]) -> PFLD:
+    """The PFLD of a training run (cfg: train.engine.TrainConfig): one head of the dataset's
+    scheme, or one per --heads scheme; from --init weights when given (the same arch loaded,
+    a narrower neck widened keeping its function, other head layouts partially)."""
+    from train.checkpoint import Checkpoint
+    neck = cfg.neck or None
+    if len(heads) == 1 and not cfg.heads:
+        model = PFLD(get_scheme(heads[0]).num_points, cfg.width, neck=neck)
+    else:
+        model = PFLD(0, cfg.width, heads={h: get_scheme(h).num_points for h in heads}, neck=neck)
+    if cfg.init:
+        init = Checkpoint.load(cfg.init)
+        if init.arch == model.arch:
+            model.load_state_dict(init.weights)
+        elif {k: v for k, v in init.arch.items() if k != "neck"} == \
+                {k: v for k, v in model.arch.items() if k != "neck"}:
+            grown = widen_neck(model, init.weights)
+            print(f"--init {cfg.init}: neck widened to {model.arch.get('neck')} channels, "
+                  f"function kept ({', '.join(grown)})", flush=True)
+        else:
+            if float(init.width) != cfg.width:
+                raise ConfigError(f"--init {cfg.init} holds a width-{init.width} PFLD, "
+                                 f"not width {cfg.width}")
+            fresh = load_partial(model, init.weights)
+            print(f"--init {cfg.init}: {init.arch} -> {model.arch}; left at their initial "
+                  f"values: {', '.join(fresh) or 'none'}", flush=True)
+    return model
+
+
+def batch_loss(cfg, model, heads: list[str], x, targets, pose, attrs):
+    """Sum over heads of weight x loss on the faces labelled for that head, + the pose loss.
+    Returns (loss, summed mean point distance of the heads)."""
+    preds, pose_pred = model(x.to(memory_format=torch.channels_last), with_pose=True)
+    if not isinstance(preds, tuple):
+        preds = (preds,)
+    loss_fn = LOSSES[cfg.loss]
+    hw = cfg.head_weights or (1.0,) * len(heads)
+    loss = torch.zeros(())
+    nme = 0.0
+    for h, w, pred in zip(heads, hw, preds):
+        y, mask, pw = targets[h]
+        if not mask.any():
+            continue
+        if cfg.loss == "pfld":
+            loss = loss + w * loss_fn(pred[mask], y[mask], pose_pred=pose_pred[mask],
+                                      pose_target=pose[mask], attributes=attrs[mask])
+        else:
+            loss = loss + w * loss_fn(pred[mask], y[mask], weights=pw[mask])
+        with torch.no_grad():
+            nme += float((pred.detach()[mask] - y[mask]).reshape(int(mask.sum()), -1, 2)
+                         .norm(dim=-1).mean())
+    if cfg.loss != "pfld":
+        loss = loss + cfg.pose_weight * (pose_pred - pose).abs().mean()
+    return loss, nme
+
+
+FAMILY = register_family(Family(
+    name="pfld", summary="coordinate regression", build=build, output_names=output_names,
+    named_heads=named_heads, describe_outputs=describe_outputs,
+    build_for_training=build_for_training, loss=batch_loss, multi_head=True))

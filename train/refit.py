@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from evaluation.metrics import nme_per_face, predict_faces
-from runtime.preprocess import Preprocess
 from runtime.schemes import get_scheme
-from train.engine import load_checkpoint, model_from_checkpoint, torch_predictor
+from train.checkpoint import Checkpoint
+from train.engine import torch_predictor
 from train.pointmap import PointMap
 from runtime.errors import ConfigError
 
@@ -87,17 +87,17 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
     trained with `--pool-68 none` on the same pool set as the others. select_on_boxes: also
     score on the held-out pool faces cropped from their detector boxes (default: as the
     checkpoint trained)."""
-    ck = load_checkpoint(checkpoint)
-    heads = list((ck["arch"].get("heads") or {}))
-    if ck["arch"].get("family") == "heatmap" or len(heads) < 2:
+    ck = Checkpoint.load(checkpoint)
+    heads = ck.named_heads
+    if not ck.family.multi_head or len(heads) < 2:
         raise ConfigError(f"{checkpoint}: refit-head needs a multi-head PFLD (heads: "
                          f"{', '.join(heads) or 'one'})")
     if head not in heads:
         raise ConfigError(f"{checkpoint}: no head {head!r} (heads: {', '.join(heads)})")
-    if head != ck["scheme"]:
+    if head != ck.scheme:
         raise ConfigError(f"{checkpoint}: head {head} is not the scheme of its labelled training "
-                         f"faces ({ck['scheme']}); only that head can be refitted on them")
-    data = checkpoint_data(ck, checkpoint, data_root, pool, pool_68, select_on_boxes)
+                         f"faces ({ck.scheme}); only that head can be refitted on them")
+    data = checkpoint_data(ck.raw, checkpoint, data_root, pool, pool_68, select_on_boxes)
     tr = data.labelled
     sets = {"heldout": (data.val["val"][0], None)}
     if pool and data.pool_map is not None:
@@ -106,8 +106,8 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
     if len(tr) < 10 or not sets["heldout"][0]:
         raise ConfigError(f"{checkpoint}: {len(tr)} training / {len(sets['heldout'][0])} held-out "
                          "faces; need >= 10 and >= 1")
-    model = model_from_checkpoint(ck)
-    pre = Preprocess.from_dict(ck["preprocess"])
+    model = ck.build()
+    pre = ck.preprocess
     parts = {"train": tr, **{k: v[0] for k, v in sets.items()}}
     pts = {(name, h): predict_faces(torch_predictor(model, h), faces, pre,
                                     data.protocols.get(name, "landmarks"), progress=progress)
@@ -143,9 +143,9 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
                   f"{k} ({'real labels' if m is None else 'teacher points mapped to ' + head})"
                   for k, (_, m) in sets.items()),
               "candidates": cands, "chosen": chosen}
-    out = dict(ck)
+    out = dict(ck.raw)
     if chosen["ridge"] is not None:
-        out["model"] = fold(ck["model"], head, chosen["sources"], maps[best])
+        out["model"] = fold(ck.weights, head, chosen["sources"], maps[best])
     out["head_map"] = {k: report[k] for k in ("head", "fitted_on", "heldout_faces", "criterion",
                                              "chosen")}
     return out, report

@@ -16,6 +16,7 @@ import click
 
 from train.augment import AugmentConfig
 from train.engine import TrainConfig
+from train.family import FAMILIES
 from runtime.errors import LandmarkError
 
 DEFAULTS = TrainConfig()
@@ -60,7 +61,7 @@ def cli():
 @click.option("--max-disagreement", default=DEFAULTS.max_disagreement, show_default=True, help="drop pool faces whose mean flip disagreement (x eye distance) is larger")
 @click.option("--select-on-boxes", is_flag=True, help="the held-out pool faces cropped from their detector boxes (logged as val_<labels>_box) join the held-out mean that chooses the epoch")
 @click.option("--neck", default=DEFAULTS.neck, show_default=True, help="PFLD: channels of the last (7x7 -> 1x1) stage, whose features reach the heads with their spatial layout (0: 128 x width); an --init with a narrower neck is widened keeping its function")
-@click.option("--family", type=click.Choice(["pfld", "heatmap"]), default=DEFAULTS.family, show_default=True, help="pfld: coordinate regression; heatmap: subpixel heatmap regression (train/heatmap.py)")
+@click.option("--family", type=click.Choice(list(FAMILIES)), default=DEFAULTS.family, show_default=True, help="; ".join(f"{f.name}: {f.summary}" for f in FAMILIES.values()))
 @click.option("--hm-encoding", type=click.Choice(["continuous", "rounded"]), default=DEFAULTS.hm_encoding, show_default=True, help="heatmap targets centred at the exact location or rounded to a heatmap pixel")
 @click.option("--hm-decoder", type=click.Choice(["local_soft_argmax", "argmax_quarter", "global_soft_argmax"]), default=DEFAULTS.hm_decoder, show_default=True)
 @click.option("--hm-window", default=DEFAULTS.hm_window, show_default=True, help="local soft-argmax window (d x d)")
@@ -128,7 +129,7 @@ def hm_ablation(runs, checkpoint_name, out):
     300-W held-out training faces (where choices are made), HELEN and all 505 WFLW faces (68-
     point models score WFLW through the 98 -> 68 map; test faces are reported, never chosen on)."""
     from runtime.bundle import atomic_write_json
-    from train.engine import load_checkpoint
+    from train.checkpoint import Checkpoint
     from train.evaluate import evaluate_checkpoint
     rows = []
     head = "| run | encoding | Siamese | epochs | decoder | " + " | ".join(ABLATION_SETS) + " |"
@@ -137,13 +138,13 @@ def hm_ablation(runs, checkpoint_name, out):
         ck = Path(run) / checkpoint_name
         if not ck.is_file():
             raise click.ClickException(f"{ck} does not exist (is {run} a training run folder?)")
-        loaded = load_checkpoint(ck)
-        cfg = loaded.get("config") or {}
-        decoders = ABLATION_DECODERS if loaded["arch"].get("family") == "heatmap" else \
+        loaded = Checkpoint.load(ck)
+        cfg = loaded.config
+        hm = bool(loaded.family.decoder_settings)      # a heatmap run: decoders to compare
+        decoders = ABLATION_DECODERS if hm else \
             {"direct regression (PFLD)": {}}       # a regression run: the same-budget baseline
         for name, dec in decoders.items():
             res = evaluate_checkpoint(ck, sets=ABLATION_SETS, decoder=dec)
-            hm = loaded["arch"].get("family") == "heatmap"
             row = {"run": str(run), "encoding": cfg.get("hm_encoding") if hm else "-",
                    "siamese": cfg.get("siamese") if hm else "-",
                    "epochs": res.get("epochs"), "decoder": name,

@@ -44,16 +44,16 @@ def refuse_shipped(dst: str | Path, replace: bool) -> None:
 
 
 def ship(src, dst, arch_set: dict | None = None, replace_shipped: bool = False) -> dict:
-    from train.engine import load_checkpoint, save_checkpoint
+    from train.checkpoint import Checkpoint, save_checkpoint
     refuse_shipped(dst, replace_shipped)
-    ck = load_checkpoint(src)
-    slim = {k: ck[k] for k in KEEP if k in ck}
-    slim["model"] = {k: v for k, v in ck["model"].items()}
+    ck = Checkpoint.load(src)
+    slim = {k: ck.raw[k] for k in KEEP if k in ck.raw}
+    slim["model"] = {k: v for k, v in ck.weights.items()}
     if arch_set:
-        bad = [k for k in arch_set if k not in ck["arch"]]
+        bad = [k for k in arch_set if k not in ck.arch]
         if bad:
-            raise ConfigError(f"{src}: arch has no {', '.join(bad)} (keys: {', '.join(ck['arch'])})")
-        slim["arch"] = {**ck["arch"], **arch_set}
+            raise ConfigError(f"{src}: arch has no {', '.join(bad)} (keys: {', '.join(ck.arch)})")
+        slim["arch"] = {**ck.arch, **arch_set}
     save_checkpoint(Path(dst), slim)
     return slim
 

@@ -43,10 +43,9 @@ def greedy_soup(paths: list[str], data_root: str | None = None, threads: int = 0
     every ingredient's held-out NME and whether it went in."""
     import torch
 
-    from runtime.preprocess import Preprocess
     from runtime.schemes import get_scheme
-    from train.engine import (SCHEME_OF, load_checkpoint, model_from_checkpoint, torch_predictor,
-                              training_faces)
+    from train.checkpoint import Checkpoint, load_checkpoint, model_from_checkpoint
+    from train.engine import SCHEME_OF, torch_predictor, training_faces
     from evaluation.metrics import evaluate
 
     if threads:
@@ -66,8 +65,8 @@ def greedy_soup(paths: list[str], data_root: str | None = None, threads: int = 0
         raise ConfigError("the checkpoints were trained without a held-out split (val_fraction 0); "
                          "there are no faces to choose the soup on")
     faces = training_faces(dataset, train_split, data_root, limit, fraction)[1]
-    pre = Preprocess.from_dict(cks[0]["preprocess"])
-    scheme = get_scheme(cks[0]["scheme"])
+    first = Checkpoint.from_dict(cks[0], paths[0])
+    pre, scheme = first.preprocess, get_scheme(first.scheme)
     ds_scheme = get_scheme(SCHEME_OF[dataset])
 
     def score(state: dict) -> float:
@@ -107,7 +106,7 @@ def greedy_soup(paths: list[str], data_root: str | None = None, threads: int = 0
 @click.option("--threads", default=0, show_default=True, help="torch threads (0: default)")
 def main(out, checkpoints, data_root, threads):
     """Greedy soup of CHECKPOINTS, chosen on the held-out training faces, written to OUT."""
-    from train.engine import save_checkpoint
+    from train.checkpoint import save_checkpoint
     try:
         soup = greedy_soup(list(checkpoints), data_root, threads, log=click.echo)
     except LandmarkError as e:
