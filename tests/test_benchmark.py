@@ -179,7 +179,7 @@ def test_missing_bundles_are_skipped_rows_and_outputs_written(tiny_run):
     for r in records:
         assert r["bundle"] in md
     assert "Skipped and failed rows" in md and "Host:" in md
-    for png in ("latency_vs_nme.png", "sizes.png", "ced_wflw_eval_rect.png",
+    for png in ("latency_vs_nme.png", "sizes.png", "ced_wflw_test_rect.png",
                 "ced_300w_helen_test_landmarks.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
