@@ -81,12 +81,14 @@ ghostone: venv
 	$(PY) export/run.py --import $(TEACHER) --spec specs/pfld_ghostone.json --out $(GHOST)
 	$(PY) quantize/run.py --bundle-dir $(GHOST) --backend openvino
 
-# The shipped model, the imported teacher and the heatmap model in one table, one run, 1 thread,
+# The shipped model, the imported teacher and the heatmap model (and any CANDIDATES bundle folders,
+# e.g. CANDIDATES=artifacts/student_wflw_w05) in one table, one run, 1 thread,
 # on every WFLW test face (505, both crop protocols) and HELEN, with the held-out training faces
 # (selection only) beside them
+CANDIDATES ?=
 compare: quantize ghostone heatmap-bundles
 	$(PY) benchmark/run.py --backend all --threads 1 --bundles $(ART) --bundles $(GHOST) \
-		--bundles $(HM_ART) --checkpoint $(MODEL) --eval-set wflw:test/rect \
+		--bundles $(HM_ART) $(foreach c,$(CANDIDATES),--bundles $(c)) --checkpoint $(MODEL) --eval-set wflw:test/rect \
 		--eval-set wflw:test/landmarks --eval-set 300w:helen_test/landmarks \
 		--eval-set wflw:heldout/landmarks --eval-set 300w:heldout/landmarks --out artifacts/compare
 

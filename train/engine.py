@@ -202,6 +202,7 @@ class RunData:
     notes: dict = field(default_factory=dict)
     pool_map: object = None                # PointMap: the pool faces' targets of the own head
     labelled: list[D.Face] = field(default_factory=list)   # the labelled faces it trains on
+    real_val: set = field(default_factory=set)  # held-out sets with real labels (from --real)
     protocols: dict[str, str] = field(default_factory=dict)  # held-out/extra set -> crop protocol
                                                              # (default "landmarks")
 
@@ -315,6 +316,7 @@ def prepare_data(cfg: TrainConfig) -> RunData:
             items.extend(Item(f, t, wt) for _ in range(max(1, cfg.real_repeat)))
         if ho:
             data.val[f"val_{key.split(':')[0]}"] = (ho, scheme)
+            data.real_val.add(f"val_{key.split(':')[0]}")
         real_faces += tr + ho
         data.notes[key] = (f"{len(tr)} real {scheme} faces to train (x{max(1, cfg.real_repeat)} an "
                            f"epoch), {len(ho)} held out")

@@ -140,7 +140,8 @@ def refit_head(checkpoint, head: str, ridges=RIDGES, data_root=None, progress=No
     report = {"checkpoint": str(checkpoint), "head": head, "fitted_on": len(tr),
               "heldout_faces": {k: len(v[0]) for k, v in sets.items()},
               "criterion": "mean held-out NME over: " + ", ".join(
-                  f"{k} ({'real labels' if m is None else 'teacher points mapped to ' + head})"
+                  f"{k} ({'real labels' if m is None else ('real' if k in data.real_val else 'teacher')}"
+                  f"{'' if m is None else ' points mapped to ' + head})"
                   for k, (_, m) in sets.items()),
               "candidates": cands, "chosen": chosen}
     out = dict(ck.raw)
