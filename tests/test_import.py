@@ -68,7 +68,8 @@ def test_imported_model_int8_within_budget_on_openvino(ghost, tmp_path):
     from quantize.core import Settings, run
     out = tmp_path / "pfld_ghostone"
     shutil.copytree(ghost[0]["openvino_fp32"], out / "openvino_fp32")
-    report, failed = run(out, ["openvino"], Settings(latency_runs=20), log=lambda s: None)
+    # ranking on fewer faces keeps the test short; the budget is still judged on every held-out face
+    report, failed = run(out, ["openvino"], Settings(latency_runs=20, rank_faces=48), log=lambda s: None)
     assert not failed, report["backends"]["openvino"].get("reason")
     e = report["backends"]["openvino"]
     # the reference is the imported FP32 bundle; both the 98-point and the 68-point figures of
