@@ -236,10 +236,9 @@ def _pool_faces(labels: dict, scheme: str) -> list[D.Face]:
             for p, pts in zip(paths, labels["points"])]
 
 
-def pool_detector_boxes(faces: list[D.Face]) -> list[D.Face] | None:
-    """The faces with `rect` = their detector box from their pool's faces.tsv (the nearest
-    folder above the image holding one), for the "rect" protocol: the crop a detector gives,
-    as in the runtime. None if the faces are not pool faces."""
+def pool_of(faces: list[D.Face]) -> tuple[Path, dict] | None:
+    """(root, {resolved image path: PoolFace}) of the pool the faces come from: the nearest
+    folder above the first image holding a faces.tsv. None if they are not pool faces."""
     from train.pseudo_label import POOL_TSV, load_pool
     if not faces:
         return None
@@ -247,7 +246,18 @@ def pool_detector_boxes(faces: list[D.Face]) -> list[D.Face] | None:
                  if (d / POOL_TSV).is_file()), None)
     if root is None:
         return None
-    box = {Path(f.image_path).resolve(): f.box for f in load_pool(root)}
+    return root, {Path(p.image_path).resolve(): p for p in load_pool(root)}
+
+
+def pool_detector_boxes(faces: list[D.Face]) -> list[D.Face] | None:
+    """The faces with `rect` = their detector box from their pool's faces.tsv, for the "rect"
+    protocol: the crop a detector gives, as in the runtime. None if they are not pool faces."""
+    from train.pseudo_label import POOL_TSV
+    pool = pool_of(faces)
+    if pool is None:
+        return None
+    root, by_path = pool
+    box = {k: p.box for k, p in by_path.items()}
     out = []
     for f in faces:
         b = box.get(Path(f.image_path).resolve())
@@ -323,22 +333,19 @@ def prepare_data(cfg: TrainConfig) -> RunData:
     for stem, lab, scheme, w in pools:
         keep = lab["dis_flip"].mean(1) <= cfg.max_disagreement
         n_disagree = int((~keep).sum())
-        if real_faces:      # the real label wins: drop pool faces that are one of the real faces
-            from train.pseudo_label import load_pool
+        pool_faces = _pool_faces(lab, scheme)
+        pool = pool_of(pool_faces) if real_faces else None
+        if pool is not None:    # the real label wins: drop pool faces that are one of the real faces
             from train.samefaces import same_faces
-            pool_faces = _pool_faces(lab, scheme)
-            root = next((d for d in Path(pool_faces[0].image_path).resolve().parents
-                         if (d / "faces.tsv").is_file()), None) if pool_faces else None
-            if root is not None:
-                wanted = {str(Path(f.image_path).resolve()) for f in pool_faces}
-                pf = [p for p in load_pool(root) if str(Path(p.image_path).resolve()) in wanted]
-                same = {str(Path(p).resolve()) for p in same_faces(real_faces, pf)}
-                real_same = np.array([str(Path(f.image_path).resolve()) in same for f in pool_faces])
-                keep = keep & ~real_same
-                data.notes[f"{stem} same as real"] = (f"{int(real_same.sum())} pool faces dropped: "
-                                                      "the same face has a real label")
-        faces = [f for f, k in zip(_pool_faces(lab, scheme), keep) if k]
-        weights = {f.source: wp for f, wp in zip(_pool_faces(lab, scheme), w)}
+            paths = [Path(f.image_path).resolve() for f in pool_faces]
+            same = {Path(p).resolve() for p in same_faces(real_faces, [pool[1][p] for p in paths
+                                                                       if p in pool[1]])}
+            real_same = np.array([p in same for p in paths])
+            keep = keep & ~real_same
+            data.notes[f"{stem} same as real"] = (f"{int(real_same.sum())} pool faces dropped: "
+                                                  "the same face has a real label")
+        faces = [f for f, k in zip(pool_faces, keep) if k]
+        weights = {f.source: wp for f, wp in zip(pool_faces, w)}
         tr, ho = split_holdout(faces, cfg.val_fraction)
         for f in tr:
             if f.source in held:
