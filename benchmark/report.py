@@ -1,4 +1,5 @@
-"""Render a benchmark run's records to results.md and PNG plots (matplotlib Agg, atomic writes).
+"""Render a benchmark run's records to results.md, report.html and PNG plots (matplotlib Agg,
+atomic writes); the page and its charts: benchmark/report_html.py, benchmark/charts.py.
 
     from benchmark.report import render
     render("artifacts/pfld68_w05/benchmark")     # also: python benchmark/run.py --report-only
@@ -11,8 +12,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-
-from benchmark.measure import EVAL_SETS
+from benchmark.charts import figure as _figure
+from benchmark.charts import scored_sets as _sets
 from benchmark.records import label as row_label
 from benchmark.records import load_arrays, load_run
 from evaluation.sets import short_of, title_of
@@ -23,27 +24,6 @@ def _labeler(records: list[dict]):
     """label(row): the row's label, prefixed with its model when the run has several."""
     multi = len({r["model"] for r in records}) > 1
     return lambda r: (f"{r['model']}/" if multi else "") + row_label(r)
-
-
-def _figure(acc: dict, key: str) -> dict:
-    """A row's figure for a column; a 68-point-only model's WFLW figure is its "@68" one."""
-    if key in acc or not key.endswith("@68"):
-        return acc.get(key, {})
-    base = acc.get(key[:-3], {})
-    return base if base.get("output") == "300w68" else {}
-
-
-def _sets(records: list[dict], man: dict | None = None) -> list[str]:
-    """The scored-set keys of a run, in the configured order, each followed by its "@68"
-    figure where some row has one."""
-    base = list((man or {}).get("config", {}).get("eval_sets") or EVAL_SETS)
-    seen = [k for r in records for k in (r.get("accuracy") or {})]
-    out = []
-    for b in base + [k.split("@")[0] for k in seen]:
-        for k in (b, b + "@68"):
-            if k in seen and k not in out:
-                out.append(k)
-    return out
 
 
 def _f(v, fmt="{:.2f}", scale=1.0):
@@ -172,7 +152,9 @@ def markdown(man: dict, records: list[dict]) -> str:
         for r in bad:
             lines.append(f"| {label(r)} ({r['backend']} {r['precision']}) | {r['status']} | "
                          f"{str(r['reason']).replace('|', '/')} |")
-    lines += ["", "Records: `records/*.json` (one per row). Plots: latency_vs_nme.png, sizes.png, ced_*.png.", ""]
+    lines += ["", ("Records: `records/*.json` (one per row). Page: report.html (deploy table and charts). "
+                   "Plots: latency_vs_nme.png, size_vs_nme.png, int8_drift.png, ced.png, sizes.png, ced_*.png."),
+              ""]
     return "\n".join(lines)
 
 
@@ -183,37 +165,6 @@ def _save(fig, path: Path) -> None:
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
-
-
-def plot_latency_vs_nme(records: list[dict], path: Path) -> None:
-    label = _labeler(records)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    sets = _sets(records)
-    ok = [r for r in records if r["status"] == "ok" and r.get("latency") and r.get("accuracy")]
-    backends = sorted({r["backend"] for r in ok})
-    colors = {b: plt.cm.tab10(i % 10) for i, b in enumerate(backends)}
-    markers = {"fp32": "o", "fp16": "s", "int8": "^"}
-    fig, axes = plt.subplots(1, len(sets), figsize=(5.2 * len(sets), 4.4), dpi=100, squeeze=False)
-    for ax, key in zip(axes[0], sets):
-        for r in ok:
-            if key not in r["accuracy"]:
-                continue
-            x, y = r["latency"]["median_ms"], r["accuracy"][key]["nme"] * 100
-            ax.scatter(x, y, color=colors[r["backend"]], marker=markers.get(r["precision"], "x"),
-                       s=36, edgecolor="k", linewidth=0.4)
-            ax.annotate(label(r), (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        ax.set_xscale("log")
-        ax.set_xlabel("latency, batch 1, median (ms, log scale)")
-        ax.set_ylabel("NME (%)")
-        ax.set_title(title_of(key), fontsize=10)
-        ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], color=colors[b], marker="o", ls="", label=b) for b in backends]
-    handles += [plt.Line2D([], [], color="grey", marker=m, ls="", label=p) for p, m in markers.items()]
-    axes[0][-1].legend(handles=handles, fontsize=7, loc="best")
-    fig.suptitle("Latency vs accuracy per backend (lower-left is better)", fontsize=11)
-    _save(fig, path)
 
 
 def plot_sizes(records: list[dict], path: Path) -> None:
@@ -263,18 +214,21 @@ def plot_ceds(records: list[dict], rec_dir: Path, out: Path) -> list[Path]:
 
 
 def render(out: str | Path, plots: bool = True) -> list[Path]:
-    """Write results.md (and the plots) for the finished run in `out`; returns the paths."""
+    """Write results.md, report.html (and the plots) for the finished run in `out`; returns the
+    paths. Without plots report.html still has the deploy table."""
+    from benchmark.report_html import build_charts, page
     out = Path(out)
     man, records = load_run(out)
     atomic_write_text(out / "results.md", markdown(man, records))
     written = [out / "results.md"]
-    if not plots:
-        return written
-    if any(r["status"] == "ok" and r.get("latency") and r.get("accuracy") for r in records):
-        plot_latency_vs_nme(records, out / "latency_vs_nme.png")
-        written.append(out / "latency_vs_nme.png")
-    if any(r.get("size_bytes") for r in records):
+    charts = build_charts(man, records, out / "records") if plots else []
+    for c in charts:
+        atomic_write_bytes(out / c.file, c.png)
+        written.append(out / c.file)
+    if plots and any(r.get("size_bytes") for r in records):
         plot_sizes(records, out / "sizes.png")
         written.append(out / "sizes.png")
-    written += plot_ceds(records, out / "records", out)
-    return written
+    if plots:
+        written += plot_ceds(records, out / "records", out)
+    atomic_write_text(out / "report.html", page(man, records, charts))
+    return written + [out / "report.html"]
