@@ -12,7 +12,7 @@ LABELS  ?= runs/labels
 
 .PHONY: all venv export quantize benchmark gate test test-fast train clean ghostone compare \
 	labels train-student train-student-long train-student-wflw peers runtime-vs quantize-arm arm-check \
-	train-heatmap heatmap-bundles
+	train-heatmap heatmap-bundles detector photos
 
 all: venv export quantize benchmark gate
 
@@ -195,6 +195,20 @@ HM_ART  ?= artifacts/heatmap_w05
 heatmap-bundles: venv
 	$(PY) export/run.py --checkpoint $(HM) --out $(HM_ART) \
 		--targets onnx_fp32,onnx_sim_fp32,openvino_fp32,tflite_fp32
+
+# The face detector as bundles: YuNet -> ONNX (any input size) -> simplified ONNX -> OpenVINO IR
+# (FP32, FP16), parity-checked against cv2.FaceDetectorYN, then INT8 (onnxruntime, OpenVINO)
+# under a recall budget on the choosing part of ../shared/photos (docs/runtime.md)
+DET_ART ?= artifacts/yunet
+detector: venv
+	$(PY) export/detector.py --out $(DET_ART)
+	$(PY) quantize/detector.py --bundle-dir $(DET_ART)
+
+# Detection recall and time per photo on whole photos: every detector bundle at every size on
+# the choosing part (and the default size's rule), then the reporting part with the pipeline
+photos: detector
+	$(PY) benchmark/photos.py choose --bundles $(DET_ART)
+	$(PY) benchmark/photos.py report --bundles $(DET_ART) --model $(ART)/onnx_int8
 
 clean:
 	rm -rf artifacts

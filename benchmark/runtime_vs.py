@@ -11,8 +11,11 @@ ours / MediaPipe. A face counts as found when an output face's point centroid li
 annotated landmark extent and its size is within a factor of 2 of it; for our runtime the NME of
 the found faces is given too (68 points; a 68-point model on WFLW through the 98 -> 68 map).
 
-Sets: the 505 WFLW crops, the 330 HELEN test crops, and scenes with several faces (2 x 2
-mosaics of HELEN test crops, 4 annotated faces each). Tracking: a video of real HELEN faces
+Sets: the 505 WFLW crops, the 330 HELEN test crops, scenes with several faces (2 x 2
+mosaics of HELEN test crops, 4 annotated faces each), and whole photos (the reporting part of
+../shared/photos; a face of at least 64 px counts as found when an output face's point centroid
+lies in its annotated box and its point extent is within a factor of 2 of the box side; both
+runtimes may return up to --max-faces faces). Tracking: a video of real HELEN faces
 moving (benchmark/runtime_measure.py make-video), both in their tracking modes, ms per frame.
 """
 from __future__ import annotations
@@ -96,21 +99,32 @@ def mosaics(folder: Path, count: int) -> tuple[list[str], list[list[np.ndarray]]
     return paths, truth
 
 
+def photo_set(part: str, min_face: int) -> tuple[list[str], list[list[np.ndarray]]]:
+    """Whole photos (evaluation.photos, one part) and, per photo, the annotated boxes of faces
+    at least min_face px (smaller faces count neither way)."""
+    from evaluation.photos import load_photos
+    photos = load_photos(part=part)
+    return ([str(p.path) for p in photos],
+            [[b for b, s in zip(p.boxes, p.sizes()) if s >= min_face] for p in photos])
+
+
 def score(results_rounds: list[list[dict]], truth) -> dict:
-    """Found faces, timing (median over rounds per image) and, with points, NME."""
+    """Found faces, timing (median over rounds per image) and, with points, NME. A truth item
+    is a face's 68 points, or (whole photos) its annotated box x0, y0, x1, y1."""
     ms = np.median(np.array([[r["ms"] for r in rr] for rr in results_rounds]), 0)
     found, total, nme = 0, 0, []
     for res, gts in zip(results_rounds[0], truth):
         for gt in gts:
             total += 1
-            x0, y0, x1, y1 = landmark_box(gt)
+            box = np.ndim(gt) == 1
+            x0, y0, x1, y1 = gt if box else landmark_box(gt)
             side = max(x1 - x0, y1 - y0)
             hits = [i for i, f in enumerate(res["faces"]) if x0 <= f["c"][0] <= x1
                     and y0 <= f["c"][1] <= y1 and side / 2 <= f["side"] <= side * 2]
             if not hits:
                 continue
             found += 1
-            if "points" in res:
+            if "points" in res and not box:
                 p = np.asarray(res["points"][hits[0]])
                 p = get_scheme(len(p)).as_68(p) if len(p) != 68 else p
                 nme.append(float(np.linalg.norm(p - gt, axis=-1).mean()
@@ -135,8 +149,15 @@ def score(results_rounds: list[list[dict]], truth) -> dict:
 @click.option("--core", default=0, show_default=True, help="the core both workers are pinned to")
 @click.option("--mosaics", "n_mosaics", default=40, show_default=True)
 @click.option("--video-frames", default=300, show_default=True)
+@click.option("--photos", "photos_part", default="report", show_default=True,
+              type=click.Choice(["report", "choose", "none"]),
+              help="whole photos (../shared/photos), the reporting part; faces >= --photo-face px")
+@click.option("--photo-face", default=64, show_default=True)
+@click.option("--max-faces", default=50, show_default=True,
+              help="most faces per image, for both (so that both may return every face)")
 @click.option("--out", default="artifacts/runtime_vs.json", show_default=True)
-def main(model, ours_args, peer_python, rounds, core, n_mosaics, video_frames, out):
+def main(model, ours_args, peer_python, rounds, core, n_mosaics, video_frames, photos_part,
+         photo_face, max_faces, out):
     """Per image and per tracked frame, ours vs MediaPipe face mesh, one run."""
     if not Path(peer_python).is_file():
         raise click.ClickException(f"{peer_python} does not exist: run `make peers` first")
@@ -147,12 +168,16 @@ def main(model, ours_args, peer_python, rounds, core, n_mosaics, video_frames, o
                 "HELEN test crops (330)": labelled_set("300w:helen_test"),
                 f"2x2 mosaics of HELEN faces ({n_mosaics} images, 4 faces each)":
                     mosaics(tmp, n_mosaics)}
+        if photos_part != "none":
+            paths, truth = photo_set(photos_part, photo_face)
+            sets[f"whole photos, {photos_part} part ({len(paths)} photos, faces >= "
+                 f"{photo_face} px)"] = (paths, truth)
         helen = sorted(Path(p) for p in sets["HELEN test crops (330)"][0])
         video = make_video(helen, tmp / "faces.avi", video_frames)
         workers = {"ours": Worker("ours", [sys.executable, str(PEERS / "ours_worker.py"), model,
-                                           *ours_args], core),
-                   "mediapipe": Worker("mediapipe", [peer_python, str(PEERS / "mediapipe_worker.py")],
-                                       core)}
+                                           "--max-faces", str(max_faces), *ours_args], core),
+                   "mediapipe": Worker("mediapipe", [peer_python, str(PEERS / "mediapipe_worker.py"),
+                                                     "--max-faces", str(max_faces)], core)}
         try:
             raw = {w: {s: [] for s in sets} for w in workers}
             video_ms = {w: [] for w in workers}
@@ -173,7 +198,7 @@ def main(model, ours_args, peer_python, rounds, core, n_mosaics, video_frames, o
         # our points for the NME of found faces (not timed: one extra pass in this process)
         from runtime.pipeline import Pipeline
         refine = [a.split("=")[1] for a in ours_args if a.startswith("--refine=")]
-        pipe = Pipeline(model, track=False, pose=False,
+        pipe = Pipeline(model, track=False, pose=False, max_faces=max_faces,
                         **({"refine": {"on": True, "off": False}.get(refine[0], refine[0])}
                            if refine else {}))
         for s, (paths, _) in sets.items():
@@ -199,6 +224,7 @@ def main(model, ours_args, peer_python, rounds, core, n_mosaics, video_frames, o
     atomic_write_json(Path(out), {"created": now(), "host": host_string(host_info()),
                                   "command": " ".join(sys.argv), "model": model,
                                   "ours_args": list(ours_args), "rounds": rounds, "core": core,
+                                  "max_faces": max_faces,
                                   "sets": table, "video": vid})
     click.echo(f"wrote {out}", err=True)
 

@@ -302,6 +302,8 @@ class BundleMeta:
     def load(cls, folder: str | os.PathLike, verify: bool = True) -> "BundleMeta":
         """Read a bundle folder's meta.json; with verify, check every file's size and sha256."""
         folder = Path(folder)
+        if folder.is_file():
+            return cls.from_model_file(folder)
         if not folder.is_dir():
             raise BundleError(f"bundle {folder} does not exist or is not a folder")
         mp = folder / META
@@ -311,6 +313,29 @@ class BundleMeta:
         meta = cls.from_json(mp)
         if verify:
             meta.verify()
+        return meta
+
+    @classmethod
+    def from_model_file(cls, path: str | os.PathLike) -> "BundleMeta":
+        """A bare model file (.onnx, .xml, .tflite) described by what it carries in its own
+        metadata (runtime.embedded; written by every export and quantize); nothing to verify
+        against, since the sha256 lives in meta.json."""
+        from .embedded import EmbeddedError, read_embedded
+        path = Path(path)
+        try:
+            desc = read_embedded(path)
+        except EmbeddedError as e:
+            raise BundleError(str(e)) from None
+        if desc is None:
+            raise BundleError(f"{path} carries no bundle description in its metadata (not "
+                              "written by this project's export/quantize?); give its bundle "
+                              f"folder with {META}, or import it: export/run.py --import")
+        if desc.get("kind") == "detector":
+            raise BundleError(f"{path} is a face detector, not a landmark model: give it to "
+                              "--detector-model")
+        meta = cls.from_dict(dict(desc, files={path.name: {"sha256": "", "bytes": 0}}),
+                             f"{path} (embedded {META})")
+        meta.folder = path.parent
         return meta
 
     def verify(self) -> None:
@@ -335,9 +360,11 @@ class BundleMeta:
         and write meta.json atomically."""
         folder = Path(folder)
         for name in self.files:
-            p = folder / name
-            if not p.is_file():
+            if not (folder / name).is_file():
                 raise BundleError(f"bundle {folder}: file {name} named in meta.json does not exist")
+        embed_description(folder / next(iter(self.files)), self.to_dict())
+        for name in self.files:
+            p = folder / name
             self.files[name] = FileInfo(sha256(p), p.stat().st_size)
         atomic_write_json(folder / META, self.to_dict())
         self.folder = folder
@@ -413,6 +440,19 @@ class BundleMeta:
     def files_of(*names: str) -> dict[str, FileInfo]:
         """A files dict to be filled in by write()."""
         return {n: FileInfo("", 0) for n in names}
+
+
+def embed_description(model_file: Path, meta: dict) -> None:
+    """The description in the model file's own metadata (runtime.embedded), for the formats
+    that have it; other files (a torch reference) are left as they are."""
+    if model_file.suffix.lower() not in (".onnx", ".xml", ".tflite"):
+        return
+    from .embedded import EmbeddedError, embed
+    try:
+        embed(model_file, meta)
+    except (EmbeddedError, ImportError) as e:
+        raise BundleError(f"{model_file}: the bundle description could not be embedded: "
+                          f"{e}") from None
 
 
 def read_meta(folder: str | os.PathLike, verify: bool = True) -> BundleMeta:

@@ -10,7 +10,8 @@ Preprocess.crop_matrix takes as is.
   on the image rolled by +-15 deg, profile and mirrored profile, ...) stops at the first stage
   that finds a face, so a frontal face costs one cascade and harder faces cost more.
 - `YuNetDetector` (the default): OpenCV Zoo's YuNet CNN (MIT, shipped in runtime/detectors/
-  with its licence) through cv2.FaceDetectorYN. Its five points give the face's roll: the
+  with its licence) as a detector bundle run by the runtime's own engines (runtime.yunet), or
+  through cv2.FaceDetectorYN where no engine is installed. Its five points give the face's roll: the
   detection carries that angle, and the crop is cut upright ("levelled"), so a tilted face
   reaches the landmark network like the upright training faces.
 
@@ -65,6 +66,7 @@ class BoxCalibration:
 DETECTOR_DIR = Path(__file__).resolve().parent / "detectors"
 CALIBRATION_FILE = DETECTOR_DIR / "calibration.json"
 YUNET_MODEL = DETECTOR_DIR / "face_detection_yunet_2023mar.onnx"
+YUNET_BUNDLE = DETECTOR_DIR / "yunet_onnx_fp32"   # export/detector.py (onnx_sim_fp32): the fastest here
 
 
 def load_calibration(path: str | Path = CALIBRATION_FILE) -> dict:
@@ -264,11 +266,27 @@ class HaarDetector:
         return out
 
 
-class YuNetDetector:
-    """YuNet (OpenCV Zoo, 2023mar) through cv2.FaceDetectorYN: boxes, five points, scores.
+def default_yunet() -> Path:
+    """The shipped YuNet detector bundle when an engine that runs it is installed
+    (onnxruntime, or OpenVINO, which reads ONNX too), else the bare ONNX file, which runs
+    through OpenCV's cv2.FaceDetectorYN (the fallback: OpenCV is always there)."""
+    import importlib.util
+    if YUNET_BUNDLE.is_dir() and any(importlib.util.find_spec(m) for m in ("onnxruntime",
+                                                                           "openvino")):
+        return YUNET_BUNDLE
+    return YUNET_MODEL
 
-    The image is shrunk to at most `max_side` pixels on its longer side (the detection input
-    size; its default is measured, see calibration.json) and the boxes are scaled back.
+
+class YuNetDetector:
+    """YuNet (OpenCV Zoo, 2023mar): boxes, five points, scores.
+
+    model: a detector bundle folder (runtime.detector_bundle; run by the runtime's own engines
+        with numpy decoding, runtime.yunet), or a bare YuNet .onnx file (run by
+        cv2.FaceDetectorYN, the fallback). Default: default_yunet().
+    size: the longer side the image is shrunk to before detection, fixed (0: full
+        resolution); default: a size that follows the image (runtime.yunet.target_size: 3/8 of
+        its longer side, between 128 and the bundle's measured size, chosen on whole photos by
+        `python benchmark/photos.py choose`; DETECTION_SIZE for a bare file).
     level: each detection carries the roll angle of its eye line, and its box is calibrated in
         the face's levelled frame (crops are then cut upright); off: axis-aligned boxes.
     min_face_px: detections smaller than this (box side, image px) are dropped.
@@ -277,59 +295,80 @@ class YuNetDetector:
 
     @classmethod
     def create(cls, model=None, min_face: float | None = None, **options) -> "YuNetDetector":
-        return cls(model or YUNET_MODEL, **options,
-                   **({} if min_face is None else {"min_face_px": min_face}))
+        return cls(model, **options, **({} if min_face is None else {"min_face_px": min_face}))
 
-    def __init__(self, model: str | Path | None = YUNET_MODEL, score_threshold: float = 0.6,
-                 nms_threshold: float = 0.3, max_side: int | None = None, level: bool = True,
-                 min_face_px: float = 16.0, top_k: int = 50,
-                 calibration: BoxCalibration | None = None):
-        self.model = Path(model or YUNET_MODEL)
-        if not self.model.is_file():
-            raise DetectorError(f"YuNet model {self.model} does not exist (the runtime ships "
-                                "it in runtime/detectors/; or use --detector haar)")
-        if not hasattr(cv2, "FaceDetectorYN"):
-            raise DetectorError(f"OpenCV {cv2.__version__} has no FaceDetectorYN (needs >= 4.5.4)")
-        cal = load_calibration()
-        self.max_side = int(max_side or cal.get("yunet_max_side", 160))
-        try:
-            self.net = cv2.FaceDetectorYN.create(str(self.model), "", (self.max_side, self.max_side),
-                                                 score_threshold, nms_threshold, top_k)
-            self.net.detect(np.zeros((self.max_side, self.max_side, 3), np.uint8))  # fail now
-        except cv2.error as e:
-            raise DetectorError(f"{self.model} could not be run as a YuNet face detector: "
-                                f"{str(e).strip().splitlines()[-1]}") from None
+    def __init__(self, model: str | Path | None = None, score_threshold: float = 0.6,
+                 nms_threshold: float = 0.3, size: int | None = None, level: bool = True,
+                 min_face_px: float = 16.0, top_k: int = 5000,
+                 calibration: BoxCalibration | None = None, engine: str | None = None,
+                 threads: int = 1, max_side: int | None = None):
+        from runtime.yunet import (DETECTION_SIZE, MIN_SIZE, RESIZE, SIZE_SCALE,
+                                   YuNetBundleDetector, network_size, target_size)
+        self.model = Path(model) if model else default_yunet()
+        size = max_side if size is None else size
+        self.bundle = None
+        from runtime.detector_bundle import is_detector_bundle
+        if self.model.is_dir() or (self.model.is_file() and is_detector_bundle(self.model)):
+            self.bundle = YuNetBundleDetector(self.model, size, engine, threads, score_threshold,
+                                              nms_threshold, top_k)
+            self.size = self.bundle.size
+            self.runs_on = f"{self.bundle.engine.name} ({self.model.name})"
+        else:
+            if not self.model.is_file():
+                raise DetectorError(f"YuNet model {self.model} does not exist (the runtime ships "
+                                    "it in runtime/detectors/; or use --detector haar)")
+            if not hasattr(cv2, "FaceDetectorYN"):
+                raise DetectorError(f"OpenCV {cv2.__version__} has no FaceDetectorYN (needs "
+                                    ">= 4.5.4)")
+            self.size = int(DETECTION_SIZE if size is None else size)
+            self._fit = (lambda w, h: target_size(w, h, self.size, MIN_SIZE, SIZE_SCALE)) \
+                if size is None else (lambda w, h: self.size)
+            n = self.size or 320
+            try:
+                self.net = cv2.FaceDetectorYN.create(str(self.model), "", (n, n),
+                                                     score_threshold, nms_threshold, top_k)
+                self.net.detect(np.zeros((n, n, 3), np.uint8))  # fail now
+            except cv2.error as e:
+                raise DetectorError(f"{self.model} could not be run as a YuNet face detector: "
+                                    f"{str(e).strip().splitlines()[-1]}") from None
+            self.runs_on = "cv2.FaceDetectorYN (fallback)"
+            self._network_size, self._interp = network_size, RESIZE["linear"]
+        self.max_side = self.size
         self.level, self.min_face_px = bool(level), float(min_face_px)
+        cal = load_calibration()
         self.calibration = calibration or cal["yunet"]["levelled" if level else "axis"]
         self.calibrated = True
         self._size = None
 
-    def raw_detect(self, image: np.ndarray) -> tuple[np.ndarray, float]:
-        """YuNet rows (x, y, w, h, 5 x/y keypoints, score) in the shrunk image, and the scale."""
+    def rows(self, image: np.ndarray) -> np.ndarray:
+        """YuNet rows (x, y, w, h, 5 x/y keypoints, score) in image pixels, best first."""
         if image.ndim == 2:
             image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
         h, w = image.shape[:2]
-        s = min(1.0, self.max_side / max(h, w))
+        if min(h, w) < 8:             # too small to hold a face the network can see
+            return np.zeros((0, 15), np.float32)
+        if self.bundle is not None:
+            return self.bundle.raw(image)
+        s, rw, rh, _, _ = self._network_size(w, h, self._fit(w, h))
         if s < 1.0:
-            image = cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))),
-                               interpolation=cv2.INTER_AREA)
-        size = (image.shape[1], image.shape[0])
-        if size != self._size:
-            self.net.setInputSize(size)
-            self._size = size
+            image = cv2.resize(image, (rw, rh), interpolation=self._interp)
+        if (rw, rh) != self._size:
+            self.net.setInputSize((rw, rh))
+            self._size = (rw, rh)
         _, faces = self.net.detect(image)
-        return (np.zeros((0, 15)) if faces is None else np.asarray(faces, np.float64)), s
+        rows = np.zeros((0, 15), np.float32) if faces is None else np.asarray(faces, np.float32)
+        rows[:, :14] /= s
+        return rows
 
     def detect(self, image: np.ndarray) -> list[Detection]:
-        faces, s = self.raw_detect(image)
         out = []
-        for f in faces:
-            x, y, w, h = f[:4] / s
-            if max(w, h) < self.min_face_px:
+        for f in self.rows(image):
+            x, y, w, h = (float(v) for v in f[:4])
+            if not (np.isfinite(f[:14]).all() and w > 0 and h > 0) or max(w, h) < self.min_face_px:
                 continue
-            pts = f[4:14].reshape(5, 2) / s
+            pts = f[4:14].reshape(5, 2).astype(np.float64)
             angle = eye_angle(pts[0], pts[1]) if self.level else 0.0
-            cx, cy, ext = self.calibration.apply(x + w / 2, y + h / 2, float(max(w, h)), angle)
+            cx, cy, ext = self.calibration.apply(x + w / 2, y + h / 2, max(w, h), angle)
             out.append(Detection((cx - ext / 2, cy - ext / 2, cx + ext / 2, cy + ext / 2),
                                  (x, y, x + w, y + h), "yunet", float(f[-1]), angle, pts))
         out.sort(key=lambda d: d.box[2] - d.box[0], reverse=True)

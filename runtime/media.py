@@ -69,6 +69,29 @@ def is_image(path: str | Path) -> bool:
         return False
 
 
+GLOB_CHARS = set("*?[")
+
+
+def expand_images(spec: str) -> list[Path] | None:
+    """A folder (its image files, by suffix, sorted) or a glob pattern (its matching files,
+    sorted; ** recurses) -> the image paths; None when `spec` is neither (one file, a video
+    or a camera). InputError when a folder or pattern holds no image."""
+    import glob
+    p = Path(spec)
+    if p.is_dir():
+        found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise InputError(f"folder {p} holds no image file (by suffix: "
+                             f"{', '.join(sorted(IMAGE_SUFFIXES)[:6])}, ...)")
+        return found
+    if GLOB_CHARS & set(spec) and not p.exists():
+        found = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+        if not found:
+            raise InputError(f"no file matches the pattern {spec!r}")
+        return found
+    return None
+
+
 def open_video(spec: str) -> tuple[cv2.VideoCapture, float, str]:
     """A video file or a camera index -> (capture, fps, description)."""
     if spec.isdigit():

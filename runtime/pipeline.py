@@ -169,10 +169,12 @@ class Pipeline:
             dets = self._detect(frame, ms) if self.tracker.needs_detection() else None
             tracks = self.tracker.start_frame(dets)
             items = [(tr, tr.box, tr.fresh, tr.stage if tr.fresh else "",
-                      tr.angle if self.level else 0.0) for tr in tracks]
+                      tr.angle if self.level else 0.0, getattr(tr, "raw", None))
+                     for tr in tracks]
         else:
             dets = self._detect(frame, ms)[:self.max_faces]
-            items = [(None, d.box, True, d.stage, d.angle if self.level else 0.0) for d in dets]
+            items = [(None, d.box, True, d.stage, d.angle if self.level else 0.0, d.raw)
+                     for d in dets]
 
         faces = []
         if items:
@@ -181,7 +183,7 @@ class Pipeline:
             conf = self._confidence
             if self.refine:
                 conf = self._refine(frame, items, boxes, angles, pts, conf, ms)
-            for j, ((tr, _, fresh, stage, _), box, angle, p) in enumerate(
+            for j, ((tr, _, fresh, stage, _, raw), box, angle, p) in enumerate(
                     zip(items, boxes, angles, pts)):
                 if tr is not None:
                     p = self.tracker.update(tr, p, (w, h), t_video, self._roll(p))
@@ -191,6 +193,8 @@ class Pipeline:
                               "points": p, "confidence": None if conf is None else conf[j],
                               "pose": None, "yaw_coefficient": None,
                               "source": "detect" if fresh else "track", "stage": stage,
+                              "detector_box": None if raw is None or not fresh
+                              else tuple(float(v) for v in raw),
                               "track": None if tr is None else tr.id})
             if self.tracker is not None and len(faces) > 1:
                 gone = self.tracker.drop_duplicates()

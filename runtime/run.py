@@ -2,9 +2,10 @@
 
     python runtime/run.py --model BUNDLE --input face.jpg [--draw out.jpg]
     python runtime/run.py --model BUNDLE --input clip.mp4 --draw out.avi
+    python runtime/run.py --model BUNDLE --input photos/            # or 'photos/*.jpg': one line each
     python runtime/run.py --model BUNDLE --input 0                     # camera 0, Ctrl-C stops
 
-One line per frame: {"frame", "faces": [{"box", "angle", "points", "pose": {"yaw", "pitch",
+One line per frame (or image: with its "file"): {"frame", "faces": [{"box", "angle", "points", "pose": {"yaw", "pitch",
 "roll"}, "yaw_coefficient", "source", "stage", "track"}], "ms": {"detect", "crop", "landmarks",
 "pose", "total"}}. Every face the detector finds (up to --max-faces) is reported.
 Notes (conversions, "no face found") go to stderr. Exit status: 0 on success, also when no face
@@ -34,8 +35,8 @@ import cv2  # noqa: E402
 from runtime.bundle import BundleError  # noqa: E402
 from runtime.detector import DETECTORS, make_detector  # noqa: E402
 from runtime.engines import ENGINES  # noqa: E402
-from runtime.media import (InputError, draw_faces, is_image, open_video, read_image,  # noqa: E402
-                           to_bgr, video_writer, write_image)
+from runtime.media import (InputError, draw_faces, expand_images, is_image,  # noqa: E402
+                           open_video, read_image, to_bgr, video_writer, write_image)
 from runtime.pipeline import Pipeline  # noqa: E402
 from runtime.errors import LandmarkError  # noqa: E402
 
@@ -53,8 +54,9 @@ def face_json(f: dict, digits: int = 2) -> dict:
             "source": f["source"], "stage": f["stage"], "track": f["track"]}
 
 
-def emit(frame: int, faces: list[dict], ms: dict) -> None:
-    line = {"frame": frame, "faces": [face_json(f) for f in faces],
+def emit(frame: int, faces: list[dict], ms: dict, file: str | None = None) -> None:
+    line = {"frame": frame, **({"file": file} if file is not None else {}),
+            "faces": [face_json(f) for f in faces],
             "ms": {k: round(v, 3) for k, v in ms.items()}}
     sys.stdout.write(json.dumps(line) + "\n")
     sys.stdout.flush()
@@ -71,9 +73,33 @@ def run_image(pipe: Pipeline, path: str, draw: str | None) -> None:
     faces = pipe.process(img)
     if not faces:
         note(f"{path}: no face found")
-    emit(0, faces, pipe.last_ms)
+    emit(0, faces, pipe.last_ms, file=str(path))
     if draw:
         write_image(draw, draw_faces(img, faces))
+
+
+def run_images(pipe: Pipeline, paths: list, draw: str | None) -> int:
+    """A folder's or a pattern's images, one JSON line each with its file name; an image that
+    cannot be read gets a line with "error" and the rest go on. Returns how many failed."""
+    if draw:
+        Path(draw).mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for i, path in enumerate(paths):
+        try:
+            img, conv = read_image(path)
+        except InputError as e:
+            note(str(e))
+            sys.stdout.write(json.dumps({"frame": i, "file": str(path), "error": str(e)}) + "\n")
+            failed += 1
+            continue
+        if conv:
+            note(f"{path}: {conv}")
+        faces = pipe.process(img)
+        emit(i, faces, pipe.last_ms, file=str(path))
+        if draw:
+            write_image(Path(draw) / f"{Path(path).stem}.jpg", draw_faces(img, faces))
+    note(f"{len(paths)} images, {failed} unreadable" if failed else f"{len(paths)} images")
+    return failed
 
 
 def run_video(pipe: Pipeline, spec: str, draw: str | None, max_frames: int) -> None:
@@ -121,7 +147,8 @@ def run_video(pipe: Pipeline, spec: str, draw: str | None, max_frames: int) -> N
 @click.option("--model", "bundle", required=True, type=click.Path(),
               help="Model bundle folder (model file + meta.json).")
 @click.option("--input", "source", required=True,
-              help="Image file, video file, or camera index (0, 1, ...).")
+              help="Image file, folder of images, glob pattern (quoted: 'photos/*.jpg'), video "
+              "file, or camera index (0, 1, ...).")
 @click.option("--engine", type=click.Choice(sorted(ENGINES)), default=None,
               help="Override the bundle's engine.  [default: from meta.json]")
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True,
@@ -133,6 +160,9 @@ def run_video(pipe: Pipeline, spec: str, draw: str | None, max_frames: int) -> N
               "OpenCV's cascades (no model file needed).")
 @click.option("--detector-model", type=click.Path(dir_okay=False), default=None,
               help="Another YuNet ONNX file.  [default: runtime/detectors/face_detection_yunet_2023mar.onnx]")
+@click.option("--detector-size", type=click.IntRange(0), default=None,
+              help="YuNet: detect at this fixed longer side in px (0: full resolution).  "
+              "[default: follows the image: 3/8 of its longer side, 128 to 384 px]")
 @click.option("--min-face", type=float, default=None,
               help="Smallest face: YuNet, box side in pixels [default 16]; Haar, fraction of the "
               "frame's shorter side [default 0.3].")
@@ -152,28 +182,38 @@ def run_video(pipe: Pipeline, spec: str, draw: str | None, max_frames: int) -> N
               help="Most faces per frame: every face found, up to this many.")
 @click.option("--max-frames", type=click.IntRange(0), default=0, show_default=True,
               help="Stop a video or camera after N frames (0: run to the end / Ctrl-C).")
-@click.option("--draw", type=click.Path(dir_okay=False), default=None,
-              help="Write the input with points drawn (image: .jpg/.png; video: .avi/.mp4).")
-def main(bundle, source, engine, threads, device, detector, detector_model, min_face, level,
-         points, track, pose, refine, max_faces, max_frames, draw):
+@click.option("--draw", type=click.Path(), default=None,
+              help="Write the input with points drawn (image: .jpg/.png; video: .avi/.mp4; "
+              "a folder or pattern of images: a folder, one .jpg per image).")
+def main(bundle, source, engine, threads, device, detector, detector_model, detector_size,
+         min_face, level, points, track, pose, refine, max_faces, max_frames, draw):
     """Facial landmarks and head pose as JSON lines (one per frame) on stdout."""
     cv2.setNumThreads(threads)
     try:
-        image = not source.isdigit() and is_image(source)
+        many = None if source.isdigit() else expand_images(source)
+        image = many is not None or (not source.isdigit() and is_image(source))
         try:
-            det = make_detector(detector, detector_model, min_face=min_face)
+            opts = {"threads": threads} if detector == "yunet" else {}
+            if detector_size is not None:
+                if detector != "yunet":
+                    raise click.UsageError("--detector-size applies to --detector yunet")
+                opts["size"] = detector_size
+            det = make_detector(detector, detector_model, min_face=min_face, **opts)
             # a single image has no previous frame: tracking does not apply
             pipe = Pipeline(bundle, engine=engine, threads=threads, device=device, detector=det,
                             track=track and not image, pose=pose,
                             refine={"on": True, "off": False}.get(refine, refine),
                             max_faces=max_faces, level=level,
                             points=int(points) if points and points.isdigit() else points)
-        except LandmarkError:
+        except (LandmarkError, click.UsageError):
             raise
         except Exception as e:  # noqa: BLE001 - engines raise their own types for a bad model
             raise BundleError(f"cannot load the model of bundle {bundle}: "
                               f"{type(e).__name__}: {e}") from None
-        if image:
+        if many is not None:
+            if run_images(pipe, many, draw):
+                sys.exit(1)
+        elif image:
             run_image(pipe, source, draw)
         else:
             run_video(pipe, source, draw, max_frames)

@@ -74,6 +74,7 @@ class Track:
     fresh: bool = True                         # box came from the detector on this frame
     angle: float = 0.0                         # roll the crop is rotated by (degrees)
     stage: str = ""                            # detector stage that found it
+    raw: tuple | None = None                   # the detector's own box when fresh
     side: float | None = None                  # landmark-extent side on the previous frame
     unconfirmed: int = 0
     filter: OneEuroFilter = field(default_factory=OneEuroFilter)
@@ -132,6 +133,7 @@ class Tracker:
                 t.unconfirmed = 0
                 if overlap < self.cfg.reseed_iou:     # drifted: restart from the detection
                     t.box, t.fresh, t.stage, t.side = best.box, True, best.stage, None
+                    t.raw = best.raw
                     t.angle = best.angle
                     t.filter = OneEuroFilter(self.cfg.min_cutoff, self.cfg.beta)
             else:
@@ -143,7 +145,7 @@ class Tracker:
         for d in free:
             if len(self.tracks) >= self.cfg.max_faces:
                 break
-            self.tracks.append(Track(self._next_id, d.box, True, angle=d.angle, stage=d.stage,
+            self.tracks.append(Track(self._next_id, d.box, True, angle=d.angle, stage=d.stage, raw=d.raw,
                                      filter=OneEuroFilter(self.cfg.min_cutoff, self.cfg.beta)))
             self._next_id += 1
         return list(self.tracks)

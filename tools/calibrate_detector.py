@@ -74,7 +74,7 @@ def calibrate_yunet(faces, det: YuNetDetector) -> dict[str, dict]:
     """"axis" and "levelled" calibrations of YuNet at its input size."""
     axis, levelled = [], []
     for f in tqdm(faces, desc="yunet", file=sys.stderr, mininterval=2):
-        rows, s = det.raw_detect(f.image())
+        rows, s = det.rows(f.image()), 1.0
         x0, y0, x1, y1 = landmark_box(f.points)
         c = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
         i = _match(rows[:, :4] / s, c, max(x1 - x0, y1 - y0))
@@ -102,7 +102,7 @@ def choose_size(faces, sizes: list[int], min_found: float) -> tuple[int, list[di
         for f in faces:
             img = f.image()
             t = time.perf_counter()
-            rows, s = det.raw_detect(img)
+            rows, s = det.rows(img), 1.0
             times.append(time.perf_counter() - t)
             x0, y0, x1, y1 = landmark_box(f.points)
             found += _match(rows[:, :4] / s, np.array([(x0 + x1) / 2, (y0 + y1) / 2]),

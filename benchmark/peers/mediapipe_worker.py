@@ -7,12 +7,14 @@ which cannot share a venv with opencv-python-headless 4.14); never a runtime dep
 """
 from __future__ import annotations
 
+import sys
+
 import cv2
 import mediapipe as mp
 import numpy as np
 from protocol import serve
 
-MAX_FACES = 10
+MAX_FACES = 10      # --max-faces N raises it (whole photos: let it return every face)
 
 
 def _points(result, shape) -> list[np.ndarray]:
@@ -22,6 +24,9 @@ def _points(result, shape) -> list[np.ndarray]:
 
 
 def main() -> None:
+    global MAX_FACES
+    if "--max-faces" in sys.argv:
+        MAX_FACES = int(sys.argv[sys.argv.index("--max-faces") + 1])
     still = mp.solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=MAX_FACES,
                                             refine_landmarks=False)
 

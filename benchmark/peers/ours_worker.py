@@ -16,8 +16,11 @@ from runtime.pipeline import Pipeline
 @click.option("--refine", type=click.Choice(["auto", "on", "off"]), default=None,
               help="[default: the runtime's]")
 @click.option("--level/--no-level", default=True)
-def main(bundle, refine, level):
+@click.option("--max-faces", default=None, type=int, help="[default: the runtime's]")
+def main(bundle, refine, level, max_faces):
     kw = {} if refine is None else {"refine": {"on": True, "off": False}.get(refine, refine)}
+    if max_faces:
+        kw["max_faces"] = max_faces
     still = Pipeline(bundle, track=False, pose=False, level=level, **kw)
 
     def image(bgr):
