@@ -27,8 +27,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import host_info, host_string, now  # noqa: E402
-from evaluation.photos import (SIZES, load_photos, match, pct, read_images,  # noqa: E402
-                               rows_to_xyxy)
+from evaluation.photos import SIZES, load_photos, match, pct, read_images, rows_to_xyxy  # noqa: E402
 from runtime.bundle import atomic_write_json  # noqa: E402
 from runtime.errors import LandmarkError  # noqa: E402
 
@@ -143,8 +142,12 @@ def report(bundles, names, model, rounds, part, out):
     model = model or f"{defaults.BUNDLES}/onnx_int8"
     pipe = Pipeline(model, track=False, pose=False, max_faces=50)
 
+    stages: list[dict] = []
+
     def whole(im):
-        return np.array([f["detector_box"] for f in pipe.process(im)]).reshape(-1, 4)
+        faces = pipe.process(im)
+        stages.append(dict(pipe.last_ms, faces=len(faces)))
+        return np.array([f["detector_box"] for f in faces]).reshape(-1, 4)
 
     fns["pipeline (detect + landmarks of every face)"] = whole
     ms, outs = time_interleaved(fns, images, rounds)
@@ -155,10 +158,16 @@ def report(bundles, names, model, rounds, part, out):
                      "recall": _recall(photos, boxes), **_stats(ms[k])})
     _print(rows, f"{part} part: {len(photos)} photos; pipeline: {model}, detector "
                  f"{pipe.detector.runs_on} at size {pipe.detector.size}")
+    split = {k: round(float(np.median([st[k] for st in stages])), 3)
+             for k in ("detect", "crop", "landmarks", "faces")}
+    click.echo(f"pipeline, median per photo over every call: detect {split['detect']:.2f} ms, "
+               f"crop {split['crop']:.2f} ms, landmarks {split['landmarks']:.2f} ms "
+               f"(faces per photo {split['faces']:.0f})")
     atomic_write_json(Path(out), {"created": now(), "host": host_string(host_info()),
                                   "command": " ".join(sys.argv), "part": part,
                                   "photos": len(photos), "rounds": rounds, "model": model,
-                                  "detector": pipe.detector.runs_on, "rows": rows})
+                                  "detector": pipe.detector.runs_on, "rows": rows,
+                                  "pipeline_stages_median": split})
     click.echo(f"wrote {out}", err=True)
 
 

@@ -30,10 +30,10 @@ from runtime.bundle import BundleError, FileInfo, sha256, staging_dir  # noqa: E
 from runtime.detector import YUNET_MODEL  # noqa: E402
 from runtime.detector_bundle import DetectorMeta  # noqa: E402
 from runtime.errors import LandmarkError  # noqa: E402
-from runtime.yunet import (DETECTION_SIZE, MIN_SIZE, OUTPUTS, SIZE_SCALE,  # noqa: E402
-                           YuNetBundleDetector)
+from runtime.yunet import DETECTION_SIZE, MIN_SIZE, OUTPUTS, SIZE_SCALE, YuNetBundleDetector  # noqa: E402
 
-DEFAULTS = {"size": DETECTION_SIZE, "min_size": MIN_SIZE, "scale": SIZE_SCALE, "resize": "linear", "score_threshold": 0.6, "nms_threshold": 0.3}
+DEFAULTS = {"size": DETECTION_SIZE, "min_size": MIN_SIZE, "scale": SIZE_SCALE, "resize": "linear",
+            "score_threshold": 0.6, "nms_threshold": 0.3}
 TARGETS = ("onnx_fp32", "onnx_sim_fp32", "openvino_fp32", "openvino_fp16", "tflite_fp32")
 # the largest difference of matched boxes and points: FP32 in image px, FP16 as a fraction of
 # the face's box side (half-precision weights move a point by a share of the face, not pixels)

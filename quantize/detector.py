@@ -12,7 +12,9 @@ step each bundle took, what it cost in seconds, and the recall at each step.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,8 +58,7 @@ def _head_convs(onnx_path: Path) -> list[str]:
 
 def _ort_int8(src: Path, dst: Path, blobs: list[np.ndarray], exclude: list[str],
               mixed: bool = False) -> dict:
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -112,59 +113,56 @@ def quantize_detectors(bundle_dir: Path, budget: float = BUDGET, backends=tuple(
             if step == "mixed" and backend == "onnxruntime":
                 continue        # its activations are asymmetric (QUInt8) in the plain step
             if step == "heads-float":
-                onnx_file = bundle_dir / "onnx_sim_fp32" / "model.onnx"
-                heads = _head_convs(onnx_file)
+                heads = _head_convs(bundle_dir / "onnx_sim_fp32" / "model.onnx")
             t = time.perf_counter()
+            work = Path(tempfile.mkdtemp(dir=bundle_dir, prefix=f".{name}.{step}."))
             try:
-                with staging_dir(bundle_dir / name) as tmp:
-                    fname = "model.onnx" if backend == "onnxruntime" else "model.xml"
-                    build = _ort_int8 if backend == "onnxruntime" else _ov_int8
-                    conv = build(pmeta.model_file, tmp / fname, blobs, heads or [],
-                                 mixed=step == "mixed")
-                    files = {fname: FileInfo("", 0)}
-                    if fname.endswith(".xml"):
-                        files["model.bin"] = FileInfo("", 0)
-                    meta = DetectorMeta(f"yunet_{name}", backend, "int8", files,
-                                        dict(pmeta.input), pmeta.decoder, list(pmeta.outputs),
-                                        dict(pmeta.defaults),
-                                        {"stage": name, "created": now(),
-                                         "source_model": pmeta.lineage.get("source_model"),
-                                         "parent": {"target": parent_name,
-                                                    "sha256": next(iter(pmeta.files.values())).sha256}},
-                                        conversion=conv,
-                                        architectures=["x86_64"] if backend == "openvino" else None)
-                    meta.write(tmp)
-                    det = YuNetBundleDetector(tmp).raw
-                    got = {"choose": detector_recall(det, choose, ims_c),
-                           "report": detector_recall(det, report, ims_r)}
-                    drift = pct(got["choose"][KEY]) - pct(fp32["choose"][KEY])
-                    ok = drift >= -budget
-                    rec = {"step": step, "seconds": round(time.perf_counter() - t, 1),
-                           "recall_choose": got["choose"], "recall_report": got["report"],
-                           "drift_choose_points": round(drift, 2), "within_budget": ok,
-                           "float_nodes": len(heads or [])}
-                    steps.append(rec)
-                    echo(f"{name} [{step}]: recall >=64 px {pct(got['choose'][KEY]):.1f} % vs FP32 "
-                         f"{pct(fp32['choose'][KEY]):.1f} % on the choosing photos "
-                         f"({drift:+.2f} points, budget -{budget}) [{rec['seconds']} s]")
-                    meta.quantization = {"calibration": f"photos choose part, {len(blobs)} photos at "
-                                         f"size {size}", "budget": out["budget"], "steps": steps,
-                                         "path": step, "fp32_recall": fp32}
+                fname = "model.onnx" if backend == "onnxruntime" else "model.xml"
+                build = _ort_int8 if backend == "onnxruntime" else _ov_int8
+                conv = build(pmeta.model_file, work / fname, blobs, heads or [],
+                             mixed=step == "mixed")
+                files = {fname: FileInfo("", 0)}
+                if fname.endswith(".xml"):
+                    files["model.bin"] = FileInfo("", 0)
+                meta = DetectorMeta(f"yunet_{name}", backend, "int8", files,
+                                    dict(pmeta.input), pmeta.decoder, list(pmeta.outputs),
+                                    dict(pmeta.defaults),
+                                    {"stage": name, "created": now(),
+                                     "source_model": pmeta.lineage.get("source_model"),
+                                     "parent": {"target": parent_name, "sha256":
+                                                next(iter(pmeta.files.values())).sha256}},
+                                    conversion=conv,
+                                    architectures=["x86_64"] if backend == "openvino" else None)
+                meta.write(work)
+                det = YuNetBundleDetector(work).raw
+                got = {"choose": detector_recall(det, choose, ims_c),
+                       "report": detector_recall(det, report, ims_r)}
+                drift = pct(got["choose"][KEY]) - pct(fp32["choose"][KEY])
+                ok = drift >= -budget
+                rec = {"step": step, "seconds": round(time.perf_counter() - t, 1),
+                       "recall_choose": got["choose"], "recall_report": got["report"],
+                       "drift_choose_points": round(drift, 2), "within_budget": ok,
+                       "float_nodes": len(heads or [])}
+                steps.append(rec)
+                echo(f"{name} [{step}]: recall >=64 px {pct(got['choose'][KEY]):.1f} % vs FP32 "
+                     f"{pct(fp32['choose'][KEY]):.1f} % on the choosing photos "
+                     f"({drift:+.2f} points, budget -{budget}) [{rec['seconds']} s]")
+                if ok or step == STEPS[-1]:
+                    meta.quantization = {"calibration": f"photos choose part, {len(blobs)} "
+                                         f"photos at size {size}", "budget": out["budget"],
+                                         "steps": steps, "path": step, "fp32_recall": fp32}
                     meta.validation = {"recall": got, "fp32_recall": fp32, "size": size}
-                    meta.write(tmp)
-                    if not ok and step != STEPS[-1]:
-                        raise _Retry()
-            except _Retry:
-                continue
-            break
+                    with staging_dir(bundle_dir / name) as stage:
+                        for f in files:
+                            shutil.copyfile(work / f, stage / f)
+                        meta.write(stage)
+                    break
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
         out["bundles"][name] = {"path": steps[-1]["step"], "steps": steps, "fp32": fp32,
                                 "within_budget": steps[-1]["within_budget"]}
     atomic_write_json(bundle_dir / "quantize_report.json", out)
     return out
-
-
-class _Retry(Exception):
-    """Leave the staging folder unused and go on to the next escalation step."""
 
 
 @click.command(context_settings={"show_default": True})

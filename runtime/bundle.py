@@ -442,14 +442,28 @@ class BundleMeta:
         return {n: FileInfo("", 0) for n in names}
 
 
+# What writes a bundle's description into its model file: common.embed registers it when
+# imported (writing needs the onnx package, which a device does not have; the runtime only
+# reads it, runtime/embedded.py).
+_EMBEDDER = None
+
+
+def set_embedder(fn) -> None:
+    global _EMBEDDER
+    _EMBEDDER = fn
+
+
 def embed_description(model_file: Path, meta: dict) -> None:
-    """The description in the model file's own metadata (runtime.embedded), for the formats
-    that have it; other files (a torch reference) are left as they are."""
+    """The description in the model file's own metadata, for the formats that have it; other
+    files (a torch reference) are left as they are."""
     if model_file.suffix.lower() not in (".onnx", ".xml", ".tflite"):
         return
-    from .embedded import EmbeddedError, embed
+    if _EMBEDDER is None:
+        raise BundleError(f"{model_file}: nothing registered to embed the bundle description "
+                          "(import common.embed before writing bundles)")
+    from .embedded import EmbeddedError
     try:
-        embed(model_file, meta)
+        _EMBEDDER(model_file, meta)
     except (EmbeddedError, ImportError) as e:
         raise BundleError(f"{model_file}: the bundle description could not be embedded: "
                           f"{e}") from None

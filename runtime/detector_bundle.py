@@ -20,8 +20,8 @@ import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from runtime.bundle import META, PRECISIONS, BundleError, FileInfo, atomic_write_json, sha256
 from runtime.errors import LandmarkError
-from runtime.bundle import META, BundleError, FileInfo, PRECISIONS, atomic_write_json, sha256
 
 KIND = "detector"
 SCHEMA = 1
@@ -60,7 +60,7 @@ class DetectorMeta:
     folder: Path | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_dict(cls, d: dict, where: str) -> "DetectorMeta":
+    def from_dict(cls, d: dict, where: str) -> DetectorMeta:
         if not isinstance(d, dict):
             raise BundleError(f"{where}: expected a JSON object")
         if d.get("kind") != KIND:
@@ -100,7 +100,7 @@ class DetectorMeta:
                    dict(d.get("quantization", {})), dict(d.get("conversion", {})), archs)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike, verify: bool = True) -> "DetectorMeta":
+    def load(cls, folder: str | os.PathLike, verify: bool = True) -> DetectorMeta:
         folder = Path(folder)
         if folder.is_file():          # a bare model file that carries its description
             from runtime.embedded import EmbeddedError, read_embedded
@@ -155,7 +155,7 @@ class DetectorMeta:
         d.pop("folder")
         return {"kind": KIND, "schema_version": SCHEMA, **d}
 
-    def write(self, folder: str | os.PathLike) -> "DetectorMeta":
+    def write(self, folder: str | os.PathLike) -> DetectorMeta:
         from runtime.bundle import embed_description
         folder = Path(folder)
         for n in self.files:

@@ -10,8 +10,9 @@ The text is meta.json without "files" (a file cannot hold its own sha256) and "v
 lineage. meta.json stays the source of truth; BundleMeta.write embeds the same description
 every time it writes, and tests/test_embedded.py checks that the two agree.
 
-    embed(path, description)          # in place, atomically
-    read_embedded(path) -> dict | None
+    read_embedded(path) -> dict | None     # here: what a device needs, no onnx package
+    common.embed.embed(path, description)  # writing (export, quantize), registered with
+                                           # runtime.bundle.set_embedder
 """
 from __future__ import annotations
 
@@ -31,49 +32,6 @@ class EmbeddedError(LandmarkError):
 
 def description(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k not in LEFT_OUT}
-
-
-def embed(path: str | Path, meta: dict) -> None:
-    """Write `description(meta)` into the model file at `path` (by suffix)."""
-    from runtime.bundle import atomic_write_bytes
-    path = Path(path)
-    text = json.dumps(description(meta), sort_keys=True)
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        import onnx
-        m = onnx.load(str(path), load_external_data=False)
-        props = [p for p in m.metadata_props if p.key != KEY]
-        del m.metadata_props[:]
-        m.metadata_props.extend(props)
-        m.metadata_props.add(key=KEY, value=text)
-        atomic_write_bytes(path, m.SerializeToString())
-    elif suffix == ".xml":
-        tree = ET.parse(path)
-        net = tree.getroot()
-        rt = net.find("rt_info")
-        if rt is None:
-            rt = ET.SubElement(net, "rt_info")
-        for old in rt.findall(KEY):
-            rt.remove(old)
-        ET.SubElement(rt, KEY, {"value": text})
-        atomic_write_bytes(path, ET.tostring(net, encoding="utf-8", xml_declaration=True))
-    elif suffix == ".tflite":
-        from ai_edge_litert import schema_py_generated as fb
-        from ai_edge_litert.tools import flatbuffer_utils as fu
-        # read_model_from_bytearray also brings buffers stored after the flatbuffer (litert-torch
-        # writes weights that way) back inside it, so the re-packed file holds them
-        model = fu.read_model_from_bytearray(bytearray(path.read_bytes()))
-        model.metadata = [m for m in (model.metadata or []) if _name(m.name) != KEY]
-        buf = fb.BufferT()
-        buf.data = list(text.encode("utf-8"))
-        model.buffers.append(buf)
-        md = fb.MetadataT()
-        md.name, md.buffer = KEY, len(model.buffers) - 1
-        model.metadata.append(md)
-        atomic_write_bytes(path, bytes(fu.convert_object_to_bytearray(model)))
-    else:
-        raise EmbeddedError(f"{path}: cannot embed a description in a {suffix} file "
-                            "(.onnx, .xml or .tflite)")
 
 
 def _name(n) -> str:
@@ -110,20 +68,49 @@ def read_embedded(path: str | Path) -> dict | None:
         raise EmbeddedError(f"{path}: the embedded {KEY} is not valid JSON: {e}") from None
 
 
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    out = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        out |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return out, i
+        shift += 7
+
+
+def _fields(buf: bytes):
+    """(field number, wire type, value) of a protobuf message, top level only."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        num, wire = key >> 3, key & 7
+        if wire == 0:
+            v, i = _varint(buf, i)
+        elif wire == 1:
+            v, i = buf[i:i + 8], i + 8
+        elif wire == 2:
+            n, i = _varint(buf, i)
+            v, i = buf[i:i + n], i + n
+        elif wire == 5:
+            v, i = buf[i:i + 4], i + 4
+        else:
+            raise ValueError(f"wire type {wire} at byte {i}")
+        yield num, wire, v
+
+
 def _onnx_text(path: Path) -> str | None:
+    """ModelProto.metadata_props (field 14: StringStringEntryProto key 1, value 2), read
+    straight from the protobuf wire format: no onnx package needed on a device."""
     try:
-        import onnx
-    except ImportError:
-        onnx = None
-    if onnx is not None:
-        try:
-            m = onnx.load(str(path), load_external_data=False)
-        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError & co
-            raise EmbeddedError(f"{path} is not an ONNX model: {e}") from None
-        return next((p.value for p in m.metadata_props if p.key == KEY), None)
-    import onnxruntime as ort
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return sess.get_modelmeta().custom_metadata_map.get(KEY)
+        for num, wire, v in _fields(path.read_bytes()):
+            if num == 14 and wire == 2:
+                entry = {n: val for n, w, val in _fields(v) if w == 2}
+                if entry.get(1, b"").decode("utf-8") == KEY:
+                    return entry.get(2, b"").decode("utf-8")
+    except (IndexError, ValueError) as e:
+        raise EmbeddedError(f"{path} is not an ONNX model: {e}") from None
+    return None
 
 
 def _tflite_text(path: Path) -> str | None:

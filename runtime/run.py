@@ -5,9 +5,11 @@
     python runtime/run.py --model BUNDLE --input photos/            # or 'photos/*.jpg': one line each
     python runtime/run.py --model BUNDLE --input 0                     # camera 0, Ctrl-C stops
 
-One line per frame (or image: with its "file"): {"frame", "faces": [{"box", "angle", "points", "pose": {"yaw", "pitch",
-"roll"}, "yaw_coefficient", "source", "stage", "track"}], "ms": {"detect", "crop", "landmarks",
-"pose", "total"}}. Every face the detector finds (up to --max-faces) is reported.
+One line per frame (or image, with its "file"): {"frame", "faces": [{"box", "angle", "points",
+"pose": {"yaw", "pitch", "roll"}, "yaw_coefficient", "source", "stage", "track"}], "ms":
+{"detect", "crop", "landmarks", "pose", "total"}}. Every face the detector finds (up to
+--max-faces) is reported. A folder or a pattern: one line per image; an unreadable image gets a
+line {"frame", "file", "error"} and the others go on (exit status 1 at the end).
 Notes (conversions, "no face found") go to stderr. Exit status: 0 on success, also when no face
 is found (the JSON line then has "faces": []: an empty result is an answer, not a failure);
 1 when the bundle, the input or an output cannot be used; 2 for bad flags.
@@ -73,7 +75,7 @@ def run_image(pipe: Pipeline, path: str, draw: str | None) -> None:
     faces = pipe.process(img)
     if not faces:
         note(f"{path}: no face found")
-    emit(0, faces, pipe.last_ms, file=str(path))
+    emit(0, faces, pipe.last_ms)
     if draw:
         write_image(draw, draw_faces(img, faces))
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_export import exported  # noqa: F401 - the session fixture: all six targets
 
 from runtime.bundle import META, BundleError, BundleMeta
-from runtime.embedded import KEY, description, embed, read_embedded
-
-from test_export import exported  # noqa: F401 - the session fixture: all six targets
+from common.embed import embed
+from runtime.embedded import KEY, description, read_embedded
 
 
 def _meta_json(folder: Path) -> dict:
@@ -57,6 +57,14 @@ def test_a_file_without_a_description_says_so(tiny_bundle, tmp_path):
     onnx.save(m, str(tmp_path / "plain.onnx"))
     with pytest.raises(BundleError, match="carries no bundle description"):
         BundleMeta.load(tmp_path / "plain.onnx")
+
+
+def test_the_device_reader_needs_no_onnx_package(tiny_bundle, monkeypatch):
+    """runtime.embedded reads ONNX metadata from the protobuf bytes itself."""
+    import sys
+    monkeypatch.setitem(sys.modules, "onnx", None)          # import onnx fails
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    assert read_embedded(Path(tiny_bundle) / "model.onnx")["precision"] == "fp32"
 
 
 def test_embedding_replaces_an_older_description(tiny_bundle, tmp_path):
