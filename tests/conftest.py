@@ -58,3 +58,12 @@ def export_onnx(checkpoint: Path, out: Path) -> Path:
 def tiny_bundle(tiny_checkpoint, tmp_path_factory):
     """The tiny network as an onnx_fp32 bundle."""
     return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("tiny_bundle") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_checkpoint, tmp_path_factory):
+    """All six targets of the tiny network, exported once: ({target: folder}, progress lines)."""
+    from export.stages import export_all
+    lines = []
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    return export_all(tiny_checkpoint, out, progress=lines.append), lines

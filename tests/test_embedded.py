@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_export import exported  # noqa: F401 - the session fixture: all six targets
-
 from runtime.bundle import META, BundleError, BundleMeta
 from common.embed import embed
 from runtime.embedded import KEY, description, read_embedded
@@ -21,7 +19,7 @@ def _meta_json(folder: Path) -> dict:
 
 @pytest.mark.parametrize("target", ["onnx_fp32", "onnx_sim_fp32", "openvino_fp32",
                                     "openvino_fp16", "tflite_fp32", "tflite_fp16"])
-def test_every_exported_file_carries_what_meta_json_says(exported, target):  # noqa: F811
+def test_every_exported_file_carries_what_meta_json_says(exported, target):
     bundles, _ = exported
     folder = Path(bundles[target])
     meta = BundleMeta.load(folder)               # the sha256 check covers the embedding
@@ -32,7 +30,7 @@ def test_every_exported_file_carries_what_meta_json_says(exported, target):  # n
 
 
 @pytest.mark.parametrize("target", ["onnx_sim_fp32", "openvino_fp32", "tflite_fp32"])
-def test_a_bare_model_file_runs_like_its_bundle(exported, target, wflw_faces, tmp_path):  # noqa: F811
+def test_a_bare_model_file_runs_like_its_bundle(exported, target, wflw_faces, tmp_path):
     from runtime.decode import Landmarker
     bundles, _ = exported
     folder = Path(bundles[target])

@@ -38,14 +38,6 @@ CONTRACT_KEYS = {"name", "engine", "precision", "files", "preprocess", "outputs"
 
 
 @pytest.fixture(scope="session")
-def exported(tiny_checkpoint, tmp_path_factory):
-    """All six targets of the tiny network, exported once: ({target: folder}, progress lines)."""
-    lines = []
-    out = tmp_path_factory.mktemp("export") / "tiny"
-    return export_all(tiny_checkpoint, out, progress=lines.append), lines
-
-
-@pytest.fixture(scope="session")
 def fresh_faces(wflw_faces, helen_faces):
     """Real faces the export's own check did not use (it takes every 15th WFLW face from 0)."""
     pre = Preprocess()
