@@ -67,3 +67,14 @@ def exported(tiny_checkpoint, tmp_path_factory):
     lines = []
     out = tmp_path_factory.mktemp("export") / "tiny"
     return export_all(tiny_checkpoint, out, progress=lines.append), lines
+
+
+def identity_onnx(path: Path) -> Path:
+    """A real, minimal ONNX model file (one Identity node), for tests about bundle metadata."""
+    import onnx
+    from onnx import TensorProto, helper
+    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["points"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("points", TensorProto.FLOAT, [1])])
+    onnx.save(helper.make_model(graph), str(path))
+    return path

@@ -23,13 +23,9 @@ def _umask() -> int:
 
 def test_bundle_folder_and_files_get_the_usual_modes(tmp_path):
     # mkdtemp/mkstemp give 0700/0600; a device service user could not read such a bundle
-    import onnx
-    from onnx import TensorProto, helper
-    graph = helper.make_graph([helper.make_node("Identity", ["input"], ["points"])], "g",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("points", TensorProto.FLOAT, [1])])
+    from conftest import identity_onnx
     with staging_dir(tmp_path / "b") as tmp:
-        onnx.save(helper.make_model(graph), str(tmp / "model.onnx"))
+        identity_onnx(tmp / "model.onnx")
         BundleMeta("b", "onnxruntime", "fp32", BundleMeta.files_of("model.onnx"), Preprocess(),
                    [OutputSpec()]).write(tmp)
     atomic_write_json(tmp_path / "report.json", {})
