@@ -358,16 +358,7 @@ class BundleMeta:
     def write(self, folder: str | os.PathLike) -> "BundleMeta":
         """Fill in sha256/size of every file named in `files` (which must exist in `folder`)
         and write meta.json atomically."""
-        folder = Path(folder)
-        for name in self.files:
-            if not (folder / name).is_file():
-                raise BundleError(f"bundle {folder}: file {name} named in meta.json does not exist")
-        embed_description(folder / next(iter(self.files)), self.to_dict())
-        for name in self.files:
-            p = folder / name
-            self.files[name] = FileInfo(sha256(p), p.stat().st_size)
-        atomic_write_json(folder / META, self.to_dict())
-        self.folder = folder
+        self.folder = write_meta(self, Path(folder), "bundle")
         return self
 
     def check_machine(self, machine: str | None = None) -> None:
@@ -451,6 +442,21 @@ _EMBEDDER = None
 def set_embedder(fn) -> None:
     global _EMBEDDER
     _EMBEDDER = fn
+
+
+def write_meta(meta, folder: Path, what: str) -> Path:
+    """The shared write of BundleMeta and DetectorMeta: check that every file in `meta.files`
+    exists, embed the description in the first (the model file), then fill in each file's
+    sha256 and size and write meta.json atomically."""
+    for name in meta.files:
+        if not (folder / name).is_file():
+            raise BundleError(f"{what} {folder}: file {name} named in meta.json does not exist")
+    embed_description(folder / next(iter(meta.files)), meta.to_dict())
+    for name in meta.files:
+        p = folder / name
+        meta.files[name] = FileInfo(sha256(p), p.stat().st_size)
+    atomic_write_json(folder / META, meta.to_dict())
+    return folder
 
 
 def embed_description(model_file: Path, meta: dict) -> None:

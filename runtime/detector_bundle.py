@@ -20,7 +20,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from runtime.bundle import META, PRECISIONS, BundleError, FileInfo, atomic_write_json, sha256
+from runtime.bundle import META, PRECISIONS, BundleError, FileInfo, sha256
 from runtime.errors import LandmarkError
 
 KIND = "detector"
@@ -156,16 +156,6 @@ class DetectorMeta:
         return {"kind": KIND, "schema_version": SCHEMA, **d}
 
     def write(self, folder: str | os.PathLike) -> DetectorMeta:
-        from runtime.bundle import embed_description
-        folder = Path(folder)
-        for n in self.files:
-            if not (folder / n).is_file():
-                raise BundleError(f"detector bundle {folder}: file {n} named in meta.json does "
-                                  "not exist")
-        embed_description(folder / next(iter(self.files)), self.to_dict())
-        for n in self.files:
-            p = folder / n
-            self.files[n] = FileInfo(sha256(p), p.stat().st_size)
-        atomic_write_json(folder / META, self.to_dict())
-        self.folder = folder
+        from runtime.bundle import write_meta
+        self.folder = write_meta(self, Path(folder), "detector bundle")
         return self
