@@ -17,12 +17,17 @@ For each backend of quantize.backends.BACKENDS:
    and training only selects on: every choice here is made on training faces). A model with several outputs (one
    head per point scheme) is scored with each: its native head per set and the 68-point
    figure on WFLW ("@68", evaluation.sets.scorings); the budget applies to all of them.
-4. If |drift| > budget: rank the ops the quantizer quantized by sensitivity (each quantized
-   alone, everything else float, scored on the calibration faces, which have ground truth:
-   its NME drift against FP32 per crop protocol), then keep ops in float one at a time, each
-   time the one whose own drift pushes hardest in the direction of the worst gated drift,
-   until the budget holds or `max_float_layers` are float. If it never holds the backend fails: no
-   bundle is written (it is assembled in runtime.bundle.staging_dir) and run() reports it.
+4. If |drift| > budget, escalate (quantize.search.fit_budget), each step only when the one
+   before misses: the backend's better PTQ (histogram ranges; on onnxruntime also the graph
+   fixes), then the float fallback: rank the ops the quantizer quantized by sensitivity (each
+   quantized alone, everything else float, scored on the calibration faces, which have ground
+   truth: its NME drift against FP32 per crop protocol), then keep ops in float one at a time,
+   each time the one whose own drift pushes hardest in the direction of the worst gated drift,
+   until the budget holds or `max_float_layers` are float. Quantization-aware training would
+   come next; it is recorded as not available yet. If the budget never holds the backend
+   fails: no bundle is written (it is assembled in runtime.bundle.staging_dir) and run()
+   reports it. The report and meta.json record the path taken, the seconds and the drift of
+   every step ("escalation").
 5. Write the INT8 bundle (meta.json: calibration set, method, settings, layers kept in float,
    drift figures) and score it again as shipped, reported only: the 505 WFLW test faces with
    both crop protocols (overall and per attribute), the 330 HELEN test faces ("landmarks" protocol),
@@ -54,12 +59,29 @@ import numpy as np
 from common import host_info, now, package_versions
 from evaluation.metrics import face_batch
 from quantize.backends import BACKENDS, PRESETS, Backend, Layer, QuantizeError, get_backend
-from quantize.data import MIN_CALIB_FACES, Data, EvalSet, Log, Settings, figures, load_data
-from quantize.data import CALIB_SET, EVAL_SETS, GATE_SETS  # noqa: F401 - re-exported
-from quantize.scoring import (DRIFT_FACES, FAIL_NME, MIN_DRIFT_FACES, compare, measure_latency, score,
-                              within)
-from quantize.scoring import drift  # noqa: F401 - re-exported
-from quantize.search import Candidate, fit_budget, rank_layers
+from quantize.data import (  # noqa: F401 - re-exported
+    CALIB_SET,
+    EVAL_SETS,
+    GATE_SETS,
+    MIN_CALIB_FACES,
+    Data,
+    EvalSet,
+    Log,
+    Settings,
+    figures,
+    load_data,
+)
+from quantize.scoring import (
+    DRIFT_FACES,
+    FAIL_NME,
+    MIN_DRIFT_FACES,
+    compare,
+    drift,  # noqa: F401 - re-exported
+    measure_latency,
+    score,
+    within,
+)
+from quantize.search import QAT, QAT_NOTE, STEPS, Candidate, fit_budget, rank_layers
 from runtime.bundle import META, BundleError, BundleMeta, atomic_write_json, staging_dir
 from runtime.engines import EngineUnavailable, get_engine
 
@@ -137,7 +159,7 @@ def _score_fp32(job: Job, backend: Backend, log: Log) -> dict:
 
 
 def _search(job: Job, backend: Backend, fp32: dict, data: Data, work: Path, log: Log) -> dict:
-    """Step 3: quantize, and keep ops in float while a gated figure is over the budget."""
+    """Step 3: quantize, and escalate while a gated figure is over the budget."""
     opts, settings = job.settings.options(), job.settings
     log(f"    quantize with {len(data.calib)} calibration faces ({opts.method}, "
         f"{'per-channel' if opts.per_channel else 'per-tensor'}, preset {opts.preset})")
@@ -150,10 +172,23 @@ def _search(job: Job, backend: Backend, fp32: dict, data: Data, work: Path, log:
                       fp32, job.meta, work, log)
 
 
+def _escalation(search: dict) -> dict:
+    """Which steps of the escalation ran, which one the bundle comes from, their cost."""
+    chosen: Candidate = search["chosen"]
+    esc = search["escalation"]
+    ran = [e["step"] for e in esc if "status" not in e]
+    return {"path": " -> ".join(ran), "taken": chosen.step,
+            "within_budget": bool(esc) and any(e.get("within_budget") for e in esc),
+            "steps": esc, "seconds": sum(e.get("seconds", 0.0) for e in esc),
+            "available": {k: (QAT_NOTE if k == QAT else v) for k, v in STEPS.items()}}
+
+
 def _search_record(search: dict) -> dict:
     chosen: Candidate = search["chosen"]
     return {
         "calibration_s": search["calibration_s"],
+        "escalation": _escalation(search),
+        "method": chosen.opts.method, "options": chosen.opts.describe(),
         "search": {"steps": search["steps"], "ranking_s": search.get("ranking_s"),
                    "ranking_top": (search["ranking"] or [])[:10],
                    "layers_total": len(search["ranking"]) if search["ranking"] else None},
@@ -201,7 +236,7 @@ def _write_bundle(job: Job, chosen: Candidate, backend: Backend, fp32: dict, dat
                   search: dict, log: Log) -> dict:
     """Step 4: assemble the INT8 bundle, score it as shipped, time it against FP32, then
     rename it into place. Returns the report fields of a successful backend."""
-    settings, opts = job.settings, job.settings.options()
+    settings, opts = job.settings, chosen.opts
     with staging_dir(job.final) as stage:
         for f in chosen.info["files"]:
             shutil.copy2(chosen.folder / f, stage / f)
@@ -223,12 +258,15 @@ def _write_bundle(job: Job, chosen: Candidate, backend: Backend, fp32: dict, dat
         size = {"fp32_bytes": job.meta.bytes, "int8_bytes": meta.bytes}
         size["ratio"] = size["int8_bytes"] / size["fp32_bytes"]
         meta.validation = _validation(job, nme, data)
+        record = _search_record(search)
         meta.quantization = {
             "backend": job.name, "method": opts.method,
             "method_detail": job.cls.methods[opts.method],
             "per_channel": opts.per_channel, "preset": opts.preset,
-            "preset_detail": PRESETS[opts.preset], "settings": chosen.info["settings"],
-            "layers_kept_float": _search_record(search)["layers_kept_float"],
+            "preset_detail": PRESETS[opts.preset], "graph_fixes": opts.graph_fixes,
+            "settings": chosen.info["settings"],
+            "layers_kept_float": record["layers_kept_float"],
+            "escalation": record["escalation"],
             "calibration": data.record, "calibration_s": search["calibration_s"],
         }
         if meta.architectures:
@@ -254,6 +292,7 @@ def quantize_backend(name: str, bundle_dir: Path, data: Data, settings: Settings
         fp32 = _score_fp32(job, backend, log)
         search = _search(job, backend, fp32, data, work, log)
         entry.update(_search_record(search))
+        entry["method_detail"] = job.cls.methods[entry["method"]]
         chosen: Candidate = search["chosen"]
         if not chosen.ok(settings.budget):
             entry["nme"] = {k: compare(fp32[k], r, settings.drift_faces)
@@ -353,6 +392,11 @@ def run(bundle_dir: str | Path, backends: list[str], settings: Settings,
             log(f"    {name}: size x{r['size']['ratio']:.2f}, latency x{lat['ratio']:.2f} "
                 f"({lat['fp32']['median_ms']:.2f} -> {lat['int8']['median_ms']:.2f} ms), "
                 f"{len(r['layers_kept_float'])} op(s) kept float")
+        if "escalation" in r:
+            e = r["escalation"]
+            log(f"    {name}: escalation {e['path']} (bundle from {e['taken']}), "
+                + ", ".join(f"{s['step']} {s['seconds']:.0f} s" for s in e["steps"]
+                            if "seconds" in s))
     report = {
         "model": bundle_dir.name, "bundle_dir": str(bundle_dir), "created": now(),
         "host": host_info(), "units": UNITS, "headline": data.sets[0].key,

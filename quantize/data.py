@@ -30,6 +30,8 @@ class Settings:
     per_channel: bool = True
     preset: str = "x86"
     bias_correction: str = "none"        # OpenVINO/NNCF only (measured: fast BC hurt)
+    graph_fixes: bool = False            # onnxruntime only (quantize.backends.Options)
+    escalate: bool = True                # plain PTQ -> better PTQ -> float fallback (search.py)
     calib_samples: int | None = None     # None: every calibration face (~162)
     budget: float = 0.10                 # NME points
     drift_faces: str = "all"             # DRIFT_FACES: which faces the drift is averaged over
@@ -45,7 +47,8 @@ class Settings:
     w300_root: str | None = None
 
     def options(self) -> Options:
-        return Options(self.method, self.per_channel, self.preset, self.bias_correction)
+        return Options(self.method, self.per_channel, self.preset, self.bias_correction,
+                       self.graph_fixes)
 
 
 @dataclass

@@ -36,9 +36,11 @@ class CommandError(click.ClickException):
 @click.option("--calib-samples", type=int, default=None,
               help=f"calibration faces (>= {MIN_CALIB_FACES}); default: every face of the WFLW "
                    "calibration split (~162)")
-@click.option("--method", default=D.method, type=click.Choice(["minmax", "percentile", "entropy"]),
-              help="activation range estimation; onnxruntime: all three, openvino: minmax, "
-                   "percentile; tflite: minmax")
+@click.option("--method", default=D.method,
+              type=click.Choice(["minmax", "percentile", "entropy", "histogram"]),
+              help="activation range estimation; onnxruntime: all four, openvino: minmax, "
+                   "percentile, histogram; tflite: minmax, histogram (histogram: per tensor "
+                   "the range with the least 8-bit rounding + clipping error)")
 @click.option("--per-channel/--no-per-channel", default=D.per_channel,
               help="per-output-channel weight scales")
 @click.option("--preset", default=D.preset, type=click.Choice(list(PRESETS)),
@@ -47,6 +49,13 @@ class CommandError(click.ClickException):
               help="OpenVINO (NNCF) bias correction; off by default because NNCF's fast bias "
                    "correction added several NME points of drift to PFLD; onnxruntime and "
                    "tflite do none")
+@click.option("--graph-fixes/--no-graph-fixes", default=D.graph_fixes,
+              help="onnxruntime: average-pool outputs get their own range, concat inputs share "
+                   "the concat's range, the model outputs stay float (the better PTQ step "
+                   "turns them on)")
+@click.option("--escalate/--no-escalate", default=D.escalate,
+              help="when plain PTQ misses the budget, try the backend's better PTQ before "
+                   "keeping ops in float (the report records each step)")
 @click.option("--budget", type=float, default=D.budget,
               help="allowed |NME_int8 - NME_fp32| on the WFLW evaluation faces (rect and "
                    "landmark crops), in NME points: 0.10 means 4.50% may become 4.40..4.60%")
@@ -69,15 +78,17 @@ class CommandError(click.ClickException):
               help="scored set the budget applies to (repeatable)")
 @click.option("--wflw", "wflw_root", default=None, help="WFLW root (default ../shared/wflw)")
 @click.option("--w300", "w300_root", default=None, help="300-W root (default ../shared/300w)")
-def main(bundle_dir, backends, calib_samples, method, per_channel, preset, bias_correction, budget,
-         drift_faces, max_float_layers, rank_faces, latency_runs, threads, calib_set, eval_sets,
-         gate_sets, wflw_root, w300_root):
+def main(bundle_dir, backends, calib_samples, method, per_channel, preset, bias_correction,
+         graph_fixes, escalate, budget, drift_faces, max_float_layers, rank_faces, latency_runs,
+         threads, calib_set, eval_sets, gate_sets, wflw_root, w300_root):
     """Turn the FP32 bundles in --bundle-dir into INT8 bundles (onnx_int8, openvino_int8,
-    tflite_int8) calibrated on real WFLW faces, and write quantize_report.json."""
+    tflite_int8) calibrated on real WFLW faces, and write quantize_report.json. A backend
+    over the budget escalates: plain PTQ -> better PTQ -> ops kept in float."""
     names = list(BACKENDS) if "all" in backends else list(dict.fromkeys(backends))
     settings = Settings(method=method, per_channel=per_channel, preset=preset,
-                        bias_correction=bias_correction,
-                        calib_samples=calib_samples, budget=budget, drift_faces=drift_faces,
+                        bias_correction=bias_correction, graph_fixes=graph_fixes,
+                        escalate=escalate, calib_samples=calib_samples, budget=budget,
+                        drift_faces=drift_faces,
                         max_float_layers=max_float_layers, rank_faces=rank_faces,
                         latency_runs=latency_runs, threads=threads, calib_set=calib_set,
                         eval_sets=tuple(eval_sets), gate_sets=tuple(gate_sets),

@@ -1,14 +1,23 @@
-"""The sensitivity search that keeps a quantized model within its drift budget:
-`fit_budget` quantizes every op, and while a gated figure is over the budget ranks the
-quantized ops by sensitivity (`rank_layers`: each quantized alone, scored on calibration
-faces) and keeps them in float one at a time, returning the steps, the ranking and the chosen
-Candidate. quantize.core calls fit_budget once per backend.
+"""The escalation that keeps a quantized model within its drift budget, one step only when the
+one before it misses (`fit_budget`, called once per backend by quantize.core):
+
+1. plain PTQ: the requested settings (default min/max ranges);
+2. better PTQ: the backend's `better` options (quantize.backends: histogram ranges, and on
+   onnxruntime the graph fixes), from scratch;
+3. float fallback: from whichever of 1 and 2 drifted less, rank the quantized ops by
+   sensitivity (`rank_layers`: each quantized alone, scored on calibration faces) and keep
+   them in float one at a time;
+4. quantization-aware training: not available yet; recorded so that a report says where the
+   escalation stopped.
+
+Every step is recorded (`escalation`: options, seconds, drift per gated figure, within budget
+or not) next to every quantize-and-score attempt (`steps`).
 """
 from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +62,15 @@ def rank_layers(backend: Backend, layers: list[Layer], make_engine, x: np.ndarra
     return ranking
 
 
+PLAIN, BETTER, FALLBACK, QAT = "plain-ptq", "better-ptq", "float-fallback", "qat"
+STEPS = {PLAIN: "post-training quantization with the requested settings",
+         BETTER: "the backend's better post-training quantization (quantize.backends: `better`)",
+         FALLBACK: "the most sensitive quantized ops kept in float, one at a time",
+         QAT: "quantization-aware training (a checkpoint's short fine-tune with fake quantization)"}
+QAT_NOTE = ("not available yet: quantization-aware training is not implemented (issue #24, item 2); "
+            "a bundle that misses the budget after the float fallback gets no INT8 bundle")
+
+
 @dataclass
 class Candidate:
     folder: Path
@@ -60,7 +78,9 @@ class Candidate:
     kept: list[dict]
     results: dict         # gate key -> evaluate() result of this INT8 model
     drift: dict           # gate key -> drift in NME points
-    seconds: float
+    seconds: float        # quantization (calibration included)
+    opts: Options = field(default_factory=Options)
+    step: str = PLAIN
 
     @property
     def worst(self) -> str:
@@ -70,45 +90,82 @@ class Candidate:
         return all(within(d, budget) for d in self.drift.values())
 
 
+def _step_record(step: str, c: Candidate, seconds: float, budget: float, **extra) -> dict:
+    return {"step": step, "what": STEPS[step], "options": c.opts.describe(),
+            "seconds": seconds, "drift_points": dict(c.drift),
+            "worst": c.worst, "within_budget": c.ok(budget), **extra}
+
+
 def fit_budget(backend: Backend, make_engine, calib_x, gates: list[EvalSet],
                rank_sets: list[EvalSet], opts: Options, settings: Settings, fp32: dict,
                meta: dict, work: Path, log: Log) -> dict:
-    """Quantize everything; while a gate set's |drift| > budget, keep one more op in float:
-    the one whose own drift (ranked on calibration faces, same crop protocol) pushes hardest
-    in the direction of the worst gate's drift, so an overshoot is corrected next step.
-    Returns the steps, the ranking and the chosen candidate (the first within budget, else
-    the one with the smallest worst |drift|)."""
+    """Plain PTQ; if a gate set's |drift| > budget, the backend's better PTQ; if that misses
+    too, keep one more op in float at a time: the one whose own drift (ranked on calibration
+    faces, same crop protocol) pushes hardest in the direction of the worst gate's drift, so
+    an overshoot is corrected next step. Returns the attempts (`steps`), the `escalation`
+    record, the ranking and the chosen candidate (the first within budget, else the one with
+    the smallest worst |drift|)."""
     steps: list[dict] = []
+    escalation: list[dict] = []
 
-    def attempt(kept: list[dict]) -> Candidate:
+    def attempt(kept: list[dict], o: Options, step: str) -> Candidate:
         d = work / f"try_{len(steps)}"
         t = time.perf_counter()
-        info = backend.quantize(calib_x, opts, d, exclude=[k["layer"] for k in kept])
+        info = backend.quantize(calib_x, o, d, exclude=[k["layer"] for k in kept])
         dt = time.perf_counter() - t
         eng = make_engine(d / info["files"][0])
         res = {g.key: score(eng, meta, g, backend.eval_batch) for g in gates}
         dr = {k: drift(fp32[k], r, settings.drift_faces) for k, r in res.items()}
-        steps.append({"kept_float": [k["label"] or k["layer"] for k in kept],
+        steps.append({"step": step, "method": o.method, "graph_fixes": o.graph_fixes,
+                      "kept_float": [k["label"] or k["layer"] for k in kept],
                       "nme_int8": {k: r["nme"] for k, r in res.items()},
                       "drift_points": dr, "seconds": dt})
-        log(f"      {len(kept)} op(s) float: drift " + ", ".join(
+        log(f"      [{step}] {len(kept)} op(s) float: drift " + ", ".join(
             f"{k} {v:+.3f}" for k, v in dr.items()) + " points")
-        return Candidate(d, info, kept, res, dr, dt)
+        return Candidate(d, info, kept, res, dr, dt, o, step)
 
-    first = attempt([])
-    out = {"steps": steps, "calibration_s": first.seconds, "ranking": None, "chosen": first}
-    if first.ok(settings.budget) or settings.max_float_layers <= 0:
+    def timed(fn):
+        t = time.perf_counter()
+        c = fn()
+        return c, time.perf_counter() - t
+
+    first, dt = timed(lambda: attempt([], opts, PLAIN))
+    escalation.append(_step_record(PLAIN, first, dt, settings.budget))
+    out = {"steps": steps, "escalation": escalation, "calibration_s": first.seconds,
+           "ranking": None, "chosen": first}
+    if first.ok(settings.budget):
         return out
-    layers = backend.layers(first.folder)
+    base = first
+    if settings.escalate:
+        better_opts = backend.better_options(opts)
+        if better_opts is None:
+            escalation.append({"step": BETTER, "what": STEPS[BETTER], "status": "skipped",
+                               "reason": f"{backend.name} has no better PTQ than these options"})
+        else:
+            log(f"      over the {settings.budget:.2f}-point budget: {backend.better_note}")
+            better, dt = timed(lambda: attempt([], better_opts, BETTER))
+            escalation.append(_step_record(BETTER, better, dt, settings.budget,
+                                           note=backend.better_note))
+            if better.ok(settings.budget):
+                out["chosen"] = better
+                return out
+            if abs(better.drift[better.worst]) < abs(first.drift[first.worst]):
+                base = better
+    if settings.max_float_layers <= 0:
+        out["chosen"] = base
+        _qat(escalation)
+        return out
+    t_fallback = time.perf_counter()
+    layers = backend.layers(base.folder)
     log(f"      over the {settings.budget:.2f}-point budget: ranking {len(layers)} quantized ops "
-        f"by sensitivity on {len(rank_sets[0].faces)} calibration faces")
+        f"by sensitivity on {len(rank_sets[0].faces)} calibration faces ({base.step} options)")
     t = time.perf_counter()
-    ranking = rank_layers(backend, layers, make_engine, calib_x, opts, rank_sets, meta, work, log,
-                          settings.drift_faces)
+    ranking = rank_layers(backend, layers, make_engine, calib_x, base.opts, rank_sets, meta, work,
+                          log, settings.drift_faces)
     out["ranking"] = ranking
     out["ranking_s"] = time.perf_counter() - t
     protocol = {g.key: g.protocol for g in gates}
-    best = current = first
+    best = current = base
     kept: list[dict] = []
     while len(kept) < settings.max_float_layers:
         worst = current.worst
@@ -117,11 +174,22 @@ def fit_budget(backend: Backend, make_engine, calib_x, gates: list[EvalSet],
         if not left:
             break
         kept = kept + [max(left, key=lambda r: sign * r["drift_points"][p])]
-        current = attempt(kept)
+        current = attempt(kept, base.opts, FALLBACK)
         if abs(current.drift[current.worst]) < abs(best.drift[best.worst]):
             best = current
         if current.ok(settings.budget):
-            out["chosen"] = current
-            return out
-    out["chosen"] = best
+            break
+    chosen = current if current.ok(settings.budget) else best
+    escalation.append(_step_record(FALLBACK, chosen, time.perf_counter() - t_fallback,
+                                   settings.budget, from_step=base.step,
+                                   ranking_s=out["ranking_s"], layers_ranked=len(layers),
+                                   kept_float=[k["label"] or k["layer"] for k in chosen.kept]))
+    out["chosen"] = chosen
+    if not chosen.ok(settings.budget):
+        _qat(escalation)
     return out
+
+
+def _qat(escalation: list[dict]) -> None:
+    escalation.append({"step": QAT, "what": STEPS[QAT], "status": "not available yet",
+                       "reason": QAT_NOTE})

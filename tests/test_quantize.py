@@ -297,7 +297,13 @@ def test_int8_meta_records_calibration_and_lineage(shipped_bundles, name, wflw_f
     want = {(Path(f.source.rpartition(":")[0]).name + ":" + f.source.rpartition(":")[2])
             for f in calib[:CALIB]}
     assert {f["annotation"] for f in cal["faces"]} == want
-    assert q["method"] == settings.method and q["preset"] == settings.preset
+    # the bundle comes from plain PTQ (the requested method) or the backend's better step
+    esc = q["escalation"]
+    assert esc["taken"] in ("plain-ptq", "better-ptq", "float-fallback")
+    want = {"plain-ptq": settings.method, "better-ptq": BACKENDS[name].better["method"]}
+    assert q["method"] == want.get(esc["taken"], q["method"]) and q["method"] in want.values()
+    assert q["preset"] == settings.preset
+    assert esc == report["backends"][name]["escalation"]
     assert isinstance(q["layers_kept_float"], list)
     assert meta.lineage.parent["sha256"] == fp32.sha256
     assert (out / BACKENDS[name].stage / meta.lineage.parent["path"]).resolve() == \
@@ -413,7 +419,16 @@ def test_over_budget_fails_with_figures_and_writes_no_bundle(shipped_bundles, tm
     assert not [p for p in d.iterdir() if p.name.startswith(".")]     # no staging leftovers
     e = json.loads((d / REPORT).read_text())["backends"]["onnxruntime"]
     assert e["status"] == "failed" and e["int8_bundle"] is None
+    # the whole escalation ran and says so: plain, better, one op in float, QAT not yet
     steps = e["search"]["steps"]
-    assert 1 <= len(steps) <= 2 and steps[0]["kept_float"] == []
-    assert all(len(st["kept_float"]) == i for i, st in enumerate(steps))
+    assert [st["step"] for st in steps] == ["plain-ptq", "better-ptq", "float-fallback"]
+    assert [len(st["kept_float"]) for st in steps] == [0, 0, 1]
+    assert steps[1]["method"] == "histogram" and steps[1]["graph_fixes"]
+    esc = e["escalation"]
+    assert esc["path"] == "plain-ptq -> better-ptq -> float-fallback"
+    assert [s["step"] for s in esc["steps"]] == ["plain-ptq", "better-ptq", "float-fallback", "qat"]
+    assert all(s["seconds"] > 0 and not s["within_budget"] for s in esc["steps"][:3])
+    # the fallback keeps the best attempt it made (with one op float, or none if that was worse)
+    assert esc["steps"][2]["ranking_s"] > 0 and len(esc["steps"][2]["kept_float"]) <= 1
+    assert esc["steps"][3]["status"] == "not available yet"
     assert e["search"]["ranking_top"] and "drift_points" in e["nme"][HEADLINE]
