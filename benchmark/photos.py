@@ -27,7 +27,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import host_info, host_string, now  # noqa: E402
-from evaluation.photos import SIZES, load_photos, match, pct, read_images, rows_to_xyxy  # noqa: E402
+from evaluation.photos import (SIZES, load_photos, pct, read_images, recall_by_size,  # noqa: E402
+                               rows_to_xyxy)
 from runtime.bundle import atomic_write_json  # noqa: E402
 from runtime.errors import LandmarkError  # noqa: E402
 
@@ -36,17 +37,7 @@ CHOICE_SIZES = (160, 224, 256, 320, 384, 448, 512, 640, 0)
 RULE_BUNDLE, RULE_POINTS, RULE_KEY = "onnx_sim_fp32", 1.0, ">=64"
 
 
-def _recall(photos, found: list[np.ndarray]) -> dict:
-    out = {f">={s}": [0, 0] for s in SIZES}
-    for ph, boxes in zip(photos, found):
-        hit, sz = match(boxes, ph.boxes), ph.sizes()
-        for s in SIZES:
-            out[f">={s}"][0] += int(hit[sz >= s].sum())
-            out[f">={s}"][1] += int((sz >= s).sum())
-    return out
-
-
-def time_interleaved(fns: dict, images: list[np.ndarray], rounds: int) -> tuple[dict, dict]:
+def time_photos(fns: dict, images: list[np.ndarray], rounds: int) -> tuple[dict, dict]:
     """{name: per-image median ms} and {name: first-round outputs}; each image is run by every
     fn in turn (order alternating by round), so drifts of the machine hit all alike."""
     names = list(fns)
@@ -101,11 +92,11 @@ def choose(bundles, names, sizes, rounds, out):
     photos = load_photos(part="choose")
     images = read_images(photos)
     fns = _detectors(Path(bundles), names, sizes)
-    ms, outs = time_interleaved({f"{b}@{s}": d.raw for (b, s), d in fns.items()}, images, rounds)
+    ms, outs = time_photos({f"{b}@{s}": d.raw for (b, s), d in fns.items()}, images, rounds)
     rows = []
     for (b, s) in fns:
         k = f"{b}@{s}"
-        rec = _recall(photos, [rows_to_xyxy(o) for o in outs[k]])
+        rec = recall_by_size(photos, [rows_to_xyxy(o) for o in outs[k]])
         rows.append({"bundle": b, "size": s, "recall": rec, **_stats(ms[k])})
     rule = [r for r in rows if r["bundle"] == RULE_BUNDLE]
     best = max(pct(r["recall"][RULE_KEY]) for r in rule)
@@ -150,12 +141,12 @@ def report(bundles, names, model, rounds, part, out):
         return np.array([f["detector_box"] for f in faces]).reshape(-1, 4)
 
     fns["pipeline (detect + landmarks of every face)"] = whole
-    ms, outs = time_interleaved(fns, images, rounds)
+    ms, outs = time_photos(fns, images, rounds)
     rows = []
     for k in fns:
         boxes = outs[k] if k.startswith("pipeline") else [rows_to_xyxy(o) for o in outs[k]]
         rows.append({"bundle": k, "size": dets[k].size if k in dets else pipe.detector.size,
-                     "recall": _recall(photos, boxes), **_stats(ms[k])})
+                     "recall": recall_by_size(photos, boxes), **_stats(ms[k])})
     _print(rows, f"{part} part: {len(photos)} photos; pipeline: {model}, detector "
                  f"{pipe.detector.runs_on} at size {pipe.detector.size}")
     split = {k: round(float(np.median([st[k] for st in stages])), 3)

@@ -137,7 +137,7 @@ def read_images(photos: list[Photo]) -> list[np.ndarray]:
 
 def rows_to_xyxy(rows: np.ndarray) -> np.ndarray:
     """YuNet rows (x, y, w, h, ...) -> (N, 4) x0, y0, x1, y1."""
-    rows = np.asarray(rows, np.float64).reshape(-1, rows.shape[-1] if np.ndim(rows) == 2 else 15)
+    rows = np.atleast_2d(np.asarray(rows, np.float64))
     return np.concatenate([rows[:, :2], rows[:, :2] + rows[:, 2:4]], 1)
 
 

@@ -320,21 +320,9 @@ class BundleMeta:
         """A bare model file (.onnx, .xml, .tflite) described by what it carries in its own
         metadata (runtime.embedded; written by every export and quantize); nothing to verify
         against, since the sha256 lives in meta.json."""
-        from .embedded import EmbeddedError, read_embedded
+        from .embedded import bare_meta
         path = Path(path)
-        try:
-            desc = read_embedded(path)
-        except EmbeddedError as e:
-            raise BundleError(str(e)) from None
-        if desc is None:
-            raise BundleError(f"{path} carries no bundle description in its metadata (not "
-                              "written by this project's export/quantize?); give its bundle "
-                              f"folder with {META}, or import it: export/run.py --import")
-        if desc.get("kind") == "detector":
-            raise BundleError(f"{path} is a face detector, not a landmark model: give it to "
-                              "--detector-model")
-        meta = cls.from_dict(dict(desc, files={path.name: {"sha256": "", "bytes": 0}}),
-                             f"{path} (embedded {META})")
+        meta = cls.from_dict(bare_meta(path, detector=False), f"{path} (embedded {META})")
         meta.folder = path.parent
         return meta
 
@@ -464,10 +452,15 @@ def embed_description(model_file: Path, meta: dict) -> None:
     files (a torch reference) are left as they are."""
     if model_file.suffix.lower() not in (".onnx", ".xml", ".tflite"):
         return
+    from .embedded import EmbeddedError, description, read_embedded
+    try:
+        if read_embedded(model_file) == json.loads(json.dumps(description(meta))):
+            return      # already there (a bundle's second write adds only its validation)
+    except EmbeddedError:
+        pass            # not readable as its format: the embedder says why
     if _EMBEDDER is None:
         raise BundleError(f"{model_file}: nothing registered to embed the bundle description "
                           "(import common.embed before writing bundles)")
-    from .embedded import EmbeddedError
     try:
         _EMBEDDER(model_file, meta)
     except (EmbeddedError, ImportError) as e:

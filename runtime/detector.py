@@ -302,12 +302,11 @@ class YuNetDetector:
                  min_face_px: float = 16.0, top_k: int = 5000,
                  calibration: BoxCalibration | None = None, engine: str | None = None,
                  threads: int = 1, max_side: int | None = None):
-        from runtime.yunet import (DETECTION_SIZE, MIN_SIZE, RESIZE, SIZE_SCALE,
-                                   YuNetBundleDetector, network_size, target_size)
+        from runtime.detector_bundle import is_detector_bundle
+        from runtime.yunet import DETECTION_SIZE, MIN_SIZE, SIZE_SCALE, YuNetBundleDetector
         self.model = Path(model) if model else default_yunet()
         size = max_side if size is None else size
         self.bundle = None
-        from runtime.detector_bundle import is_detector_bundle
         if self.model.is_dir() or (self.model.is_file() and is_detector_bundle(self.model)):
             self.bundle = YuNetBundleDetector(self.model, size, engine, threads, score_threshold,
                                               nms_threshold, top_k)
@@ -320,9 +319,10 @@ class YuNetDetector:
             if not hasattr(cv2, "FaceDetectorYN"):
                 raise DetectorError(f"OpenCV {cv2.__version__} has no FaceDetectorYN (needs "
                                     ">= 4.5.4)")
+            # the same size rule as a bundle's (runtime.yunet.target_size); an explicit size is
+            # a fixed one
             self.size = int(DETECTION_SIZE if size is None else size)
-            self._fit = (lambda w, h: target_size(w, h, self.size, MIN_SIZE, SIZE_SCALE)) \
-                if size is None else (lambda w, h: self.size)
+            self._rule = (MIN_SIZE, SIZE_SCALE) if size is None else (self.size, 1.0)
             n = self.size or 320
             try:
                 self.net = cv2.FaceDetectorYN.create(str(self.model), "", (n, n),
@@ -332,7 +332,6 @@ class YuNetDetector:
                 raise DetectorError(f"{self.model} could not be run as a YuNet face detector: "
                                     f"{str(e).strip().splitlines()[-1]}") from None
             self.runs_on = "cv2.FaceDetectorYN (fallback)"
-            self._network_size, self._interp = network_size, RESIZE["linear"]
         self.max_side = self.size
         self.level, self.min_face_px = bool(level), float(min_face_px)
         cal = load_calibration()
@@ -342,19 +341,19 @@ class YuNetDetector:
 
     def rows(self, image: np.ndarray) -> np.ndarray:
         """YuNet rows (x, y, w, h, 5 x/y keypoints, score) in image pixels, best first."""
+        if self.bundle is not None:
+            return self.bundle.raw(image)
+        from runtime.yunet import shrink, target_size
         if image.ndim == 2:
             image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
         h, w = image.shape[:2]
         if min(h, w) < 8:             # too small to hold a face the network can see
             return np.zeros((0, 15), np.float32)
-        if self.bundle is not None:
-            return self.bundle.raw(image)
-        s, rw, rh, _, _ = self._network_size(w, h, self._fit(w, h))
-        if s < 1.0:
-            image = cv2.resize(image, (rw, rh), interpolation=self._interp)
-        if (rw, rh) != self._size:
-            self.net.setInputSize((rw, rh))
-            self._size = (rw, rh)
+        image, s = shrink(image, target_size(w, h, self.size, *self._rule))
+        size = (image.shape[1], image.shape[0])
+        if size != self._size:
+            self.net.setInputSize(size)
+            self._size = size
         _, faces = self.net.detect(image)
         rows = np.zeros((0, 15), np.float32) if faces is None else np.asarray(faces, np.float32)
         rows[:, :14] /= s

@@ -103,15 +103,8 @@ class DetectorMeta:
     def load(cls, folder: str | os.PathLike, verify: bool = True) -> DetectorMeta:
         folder = Path(folder)
         if folder.is_file():          # a bare model file that carries its description
-            from runtime.embedded import EmbeddedError, read_embedded
-            try:
-                desc = read_embedded(folder)
-            except EmbeddedError as e:
-                raise BundleError(str(e)) from None
-            if not desc or desc.get("kind") != KIND:
-                raise BundleError(f"{folder} carries no detector description in its metadata")
-            meta = cls.from_dict(dict(desc, files={folder.name: {"sha256": "", "bytes": 0}}),
-                                 f"{folder} (embedded {META})")
+            from runtime.embedded import bare_meta
+            meta = cls.from_dict(bare_meta(folder, detector=True), f"{folder} (embedded {META})")
             meta.folder = folder.parent
             return meta
         if not folder.is_dir():

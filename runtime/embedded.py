@@ -34,6 +34,25 @@ def description(meta: dict) -> dict:
     return {k: v for k, v in meta.items() if k not in LEFT_OUT}
 
 
+def bare_meta(path: Path, detector: bool) -> dict:
+    """The meta.json dict of a bare model file, from its embedded description, with the file
+    itself as its only (unhashed) file; BundleError when it carries none of that kind."""
+    from runtime.bundle import META, BundleError
+    try:
+        desc = read_embedded(path)
+    except EmbeddedError as e:
+        raise BundleError(str(e)) from None
+    if desc is None:
+        raise BundleError(f"{path} carries no bundle description in its metadata (not written "
+                          "by this project's export/quantize?); give its bundle folder with "
+                          f"{META}, or import it: export/run.py --import")
+    if (desc.get("kind") == "detector") != detector:
+        raise BundleError(f"{path} is a face detector, not a landmark model: give it to "
+                          "--detector-model" if not detector else
+                          f"{path} is a landmark model, not a face detector: give it to --model")
+    return dict(desc, files={path.name: {"sha256": "", "bytes": 0}})
+
+
 def _name(n) -> str:
     return n.decode() if isinstance(n, bytes) else str(n)
 

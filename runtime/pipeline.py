@@ -169,7 +169,7 @@ class Pipeline:
             dets = self._detect(frame, ms) if self.tracker.needs_detection() else None
             tracks = self.tracker.start_frame(dets)
             items = [(tr, tr.box, tr.fresh, tr.stage if tr.fresh else "",
-                      tr.angle if self.level else 0.0, getattr(tr, "raw", None))
+                      tr.angle if self.level else 0.0, tr.raw)
                      for tr in tracks]
         else:
             dets = self._detect(frame, ms)[:self.max_faces]

@@ -23,6 +23,7 @@ import numpy as np
 from runtime.errors import ConfigError
 
 STRIDES = (8, 16, 32)
+OUTPUTS = tuple(f"{k}_{s}" for k in ("cls", "obj", "bbox", "kps") for s in STRIDES)
 # The default detection size (longer image side): the smallest size whose recall of faces of
 # 64 px and up on the choosing part of ../shared/photos is within 1 point of the best size's,
 # `python benchmark/photos.py choose` (docs/runtime.md); export/detector.py writes it into the
@@ -44,7 +45,6 @@ def target_size(w: int, h: int, size: int, min_size: int = MIN_SIZE,
     if not size:
         return 0
     return int(min(size, max(min_size, round(max(w, h) * scale))))
-OUTPUTS = tuple(f"{k}_{s}" for k in ("cls", "obj", "bbox", "kps") for s in STRIDES)
 
 
 def network_size(w: int, h: int, size: int, divisor: int = 32) -> tuple[float, int, int, int, int]:
@@ -60,15 +60,24 @@ def network_size(w: int, h: int, size: int, divisor: int = 32) -> tuple[float, i
 RESIZE = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
 
 
-def prepare(image: np.ndarray, size: int, divisor: int = 32, resize: str = "linear"
-            ) -> tuple[np.ndarray, float]:
-    """BGR uint8 image -> (1, 3, H, W) float32 blob (BGR, 0-255, zero-padded) and its scale.
-    resize: "linear" (the default: about 15x cheaper than "area" on a 1024-px photo, the same
-    recall on the choosing photos, docs/runtime.md) or "area"."""
+def shrink(image: np.ndarray, size: int, resize: str = "linear") -> tuple[np.ndarray, float]:
+    """The image shrunk so its longer side is `size` (0, or already smaller: as is) and the
+    scale. resize: "linear" (the default: about 15x cheaper than "area" on a 1024-px photo, the
+    same recall on the choosing photos, docs/runtime.md) or "area"."""
     h, w = image.shape[:2]
-    s, rw, rh, pw, ph = network_size(w, h, size, divisor)
+    s, rw, rh, _, _ = network_size(w, h, size)
     if s < 1.0:
         image = cv2.resize(image, (rw, rh), interpolation=RESIZE[resize])
+    return image, s
+
+
+def prepare(image: np.ndarray, size: int, divisor: int = 32, resize: str = "linear"
+            ) -> tuple[np.ndarray, float]:
+    """BGR uint8 image -> (1, 3, H, W) float32 blob (BGR, 0-255, zero-padded to a multiple of
+    `divisor`) and its scale."""
+    image, s = shrink(image, size, resize)
+    rh, rw = image.shape[:2]
+    ph, pw = (rh - 1) // divisor * divisor + divisor, (rw - 1) // divisor * divisor + divisor
     blob = np.zeros((1, 3, ph, pw), np.float32)
     blob[0, :, :rh, :rw] = image.transpose(2, 0, 1)
     return blob, s
@@ -162,14 +171,14 @@ class YuNetBundleDetector:
             raise ConfigError(f"{self.meta.folder}: defaults.resize {self.resize!r} is not one "
                               f"of {', '.join(RESIZE)}")
 
-    def raw(self, image: np.ndarray, size: int | None = None) -> np.ndarray:
+    def raw(self, image: np.ndarray) -> np.ndarray:
         """(N, 15) rows (x, y, w, h, 5 x/y points, score) in image pixels, best first."""
         if image.ndim == 2:
             image = cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
         h, w = image.shape[:2]
         if min(h, w) < 8:              # nothing the network could call a face
             return np.zeros((0, 15), np.float32)
-        n = target_size(w, h, self.size, self.min_size, self.scale) if size is None else size
+        n = target_size(w, h, self.size, self.min_size, self.scale)
         blob, s = prepare(image, n, self.divisor, self.resize)
         outs = dict(zip(self.names, self.engine.run(blob)))
         rows = decode(outs, blob.shape[3], blob.shape[2], self.score_threshold,
