@@ -53,6 +53,10 @@ SETS: dict[str, SetInfo] = {s.key: s for s in [
             lambda root: D.load_wflw(root, "train"),
             "every WFLW train face in the folder (1,825 in ../shared/wflw, real 98-point labels; "
             "its rectangle column is the landmark extent, so only the landmark crop); never a test set"),
+    SetInfo("wflw:fit", "WFLW train faces kept", "WFLW fit", "wflw98", ("landmarks",),
+            lambda root: D.wflw_train_split(root)[0],
+            "the WFLW train faces training keeps (every train face but wflw:heldout; wflw:calib is "
+            "a part of them): what quantization-aware training fine-tunes on; never a test set"),
     SetInfo("wflw:heldout", "WFLW held-out training faces", "WFLW held", "wflw98", ("landmarks",),
             lambda root: D.wflw_train_split(root)[1],
             "the WFLW train faces training holds out for model selection (crc32 of the image path "

@@ -23,8 +23,10 @@ For each backend of quantize.backends.BACKENDS:
    quantized alone, everything else float, scored on the calibration faces, which have ground
    truth: its NME drift against FP32 per crop protocol), then keep ops in float one at a time,
    each time the one whose own drift pushes hardest in the direction of the worst gated drift,
-   until the budget holds or `max_float_layers` are float. Quantization-aware training would
-   come next; it is recorded as not available yet. If the budget never holds the backend
+   until the budget holds or `max_float_layers` are float. Then, for a bundle exported from
+   a checkpoint that is still here (same sha256), quantization-aware training (quantize.qat:
+   a fake-quantized fine-tune, re-exported to the parent's stage, quantized with the best
+   step's options); an imported model records why it has none. If the budget never holds the backend
    fails: no bundle is written (it is assembled in runtime.bundle.staging_dir) and run()
    reports it. The report and meta.json record the path taken, the seconds and the drift of
    every step ("escalation").
@@ -81,7 +83,8 @@ from quantize.scoring import (
     score,
     within,
 )
-from quantize.search import QAT, QAT_NOTE, STEPS, Candidate, fit_budget, rank_layers
+from quantize.qat import qat_source
+from quantize.search import STEPS, Candidate, fit_budget, rank_layers
 from runtime.bundle import META, BundleError, BundleMeta, atomic_write_json, staging_dir
 from runtime.engines import EngineUnavailable, get_engine
 
@@ -169,7 +172,9 @@ def _search(job: Job, backend: Backend, fp32: dict, data: Data, work: Path, log:
                          "calibration faces (sensitivity ranking only)", first_out)
                  for p in dict.fromkeys(g.protocol for g in job.gates)]
     return fit_budget(backend, job.engine, job.calib_x, job.gates, rank_sets, opts, settings,
-                      fp32, job.meta, work, log)
+                      fp32, job.meta, work, log, qat=qat_source(job))
+
+
 
 
 def _escalation(search: dict) -> dict:
@@ -180,7 +185,7 @@ def _escalation(search: dict) -> dict:
     return {"path": " -> ".join(ran), "taken": chosen.step,
             "within_budget": bool(esc) and any(e.get("within_budget") for e in esc),
             "steps": esc, "seconds": sum(e.get("seconds", 0.0) for e in esc),
-            "available": {k: (QAT_NOTE if k == QAT else v) for k, v in STEPS.items()}}
+            "available": dict(STEPS)}
 
 
 def _search_record(search: dict) -> dict:
@@ -269,6 +274,12 @@ def _write_bundle(job: Job, chosen: Candidate, backend: Backend, fp32: dict, dat
             "escalation": record["escalation"],
             "calibration": data.record, "calibration_s": search["calibration_s"],
         }
+        if chosen.info.get("qat"):
+            meta.quantization["qat"] = {
+                **chosen.info["qat"],
+                "note": "this INT8 model quantizes the QAT fine-tune's weights (its own FP32 "
+                        "export, sha256 qat_parent_sha256); drift and latency are against the "
+                        "parent bundle above"}
         if meta.architectures:
             meta.quantization["architectures_note"] = job.cls.architectures_note
         meta.write(stage)

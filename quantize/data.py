@@ -31,7 +31,10 @@ class Settings:
     preset: str = "x86"
     bias_correction: str = "none"        # OpenVINO/NNCF only (measured: fast BC hurt)
     graph_fixes: bool = False            # onnxruntime only (quantize.backends.Options)
-    escalate: bool = True                # plain PTQ -> better PTQ -> float fallback (search.py)
+    escalate: bool = True                # plain PTQ -> better PTQ -> float fallback -> QAT
+    qat: str = "auto"                    # auto (when the PTQ steps miss) | off | force (search.py)
+    qat_steps: int = 300                 # fine-tune steps (quantize.qat.QatOptions)
+    qat_set: str = "wflw:fit"            # the faces QAT fine-tunes on (never a gated or test set)
     calib_samples: int | None = None     # None: every calibration face (~162)
     budget: float = 0.10                 # NME points
     drift_faces: str = "all"             # DRIFT_FACES: which faces the drift is averaged over

@@ -56,6 +56,16 @@ class CommandError(click.ClickException):
 @click.option("--escalate/--no-escalate", default=D.escalate,
               help="when plain PTQ misses the budget, try the backend's better PTQ before "
                    "keeping ops in float (the report records each step)")
+@click.option("--qat", type=click.Choice(["auto", "off", "force"]), default=D.qat,
+              show_default=True,
+              help="quantization-aware fine-tune of the bundle's checkpoint: auto, when the PTQ "
+                   "steps miss the budget; force, also when they do not (the bundle keeps the "
+                   "smaller worst drift of the two); off, never")
+@click.option("--qat-steps", type=click.IntRange(min=1), default=D.qat_steps, show_default=True,
+              help="QAT fine-tune steps (batches of 32 crops)")
+@click.option("--qat-set", default=D.qat_set, show_default=True,
+              help="evaluation.sets name of the faces QAT fine-tunes on (the float model's own "
+                   "outputs are the target, so no labels are used); must not hold a scored face")
 @click.option("--budget", type=float, default=D.budget,
               help="allowed |NME_int8 - NME_fp32| on the WFLW evaluation faces (rect and "
                    "landmark crops), in NME points: 0.10 means 4.50% may become 4.40..4.60%")
@@ -79,15 +89,16 @@ class CommandError(click.ClickException):
 @click.option("--wflw", "wflw_root", default=None, help="WFLW root (default ../shared/wflw)")
 @click.option("--w300", "w300_root", default=None, help="300-W root (default ../shared/300w)")
 def main(bundle_dir, backends, calib_samples, method, per_channel, preset, bias_correction,
-         graph_fixes, escalate, budget, drift_faces, max_float_layers, rank_faces, latency_runs,
+         graph_fixes, escalate, qat, qat_steps, qat_set, budget, drift_faces, max_float_layers, rank_faces, latency_runs,
          threads, calib_set, eval_sets, gate_sets, wflw_root, w300_root):
     """Turn the FP32 bundles in --bundle-dir into INT8 bundles (onnx_int8, openvino_int8,
     tflite_int8) calibrated on real WFLW faces, and write quantize_report.json. A backend
-    over the budget escalates: plain PTQ -> better PTQ -> ops kept in float."""
+    over the budget escalates: plain PTQ -> better PTQ -> ops kept in float -> QAT."""
     names = list(BACKENDS) if "all" in backends else list(dict.fromkeys(backends))
     settings = Settings(method=method, per_channel=per_channel, preset=preset,
                         bias_correction=bias_correction, graph_fixes=graph_fixes,
-                        escalate=escalate, calib_samples=calib_samples, budget=budget,
+                        escalate=escalate, qat=qat, qat_steps=qat_steps, qat_set=qat_set,
+                        calib_samples=calib_samples, budget=budget,
                         drift_faces=drift_faces,
                         max_float_layers=max_float_layers, rank_faces=rank_faces,
                         latency_runs=latency_runs, threads=threads, calib_set=calib_set,

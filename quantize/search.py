@@ -7,8 +7,12 @@ one before it misses (`fit_budget`, called once per backend by quantize.core):
 3. float fallback: from whichever of 1 and 2 drifted less, rank the quantized ops by
    sensitivity (`rank_layers`: each quantized alone, scored on calibration faces) and keep
    them in float one at a time;
-4. quantization-aware training: not available yet; recorded so that a report says where the
-   escalation stopped.
+4. quantization-aware training (quantize.qat), for a bundle exported from a checkpoint that
+   is here: a short fake-quantized fine-tune, the staged export of its weights into the
+   backend's FP32 parent, then the PTQ options of the best step so far, scored against the
+   original FP32 bundle. Settings.qat "off" never runs it, "force" runs it even when an
+   earlier step is within budget (the bundle is then the smaller worst |drift| of the two);
+   an imported model records why it has no QAT step.
 
 Every step is recorded (`escalation`: options, seconds, drift per gated figure, within budget
 or not) next to every quantize-and-score attempt (`steps`).
@@ -19,6 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -26,6 +31,7 @@ from evaluation.metrics import nme_per_face
 from quantize.backends import Backend, Layer, Options
 from quantize.data import EvalSet, Log, Settings
 from quantize.scoring import FAIL_NME, MIN_DRIFT_FACES, drift, score, within
+from runtime.bundle import BundleMeta
 from runtime.schemes import get_scheme
 
 
@@ -67,8 +73,7 @@ STEPS = {PLAIN: "post-training quantization with the requested settings",
          BETTER: "the backend's better post-training quantization (quantize.backends: `better`)",
          FALLBACK: "the most sensitive quantized ops kept in float, one at a time",
          QAT: "quantization-aware training (a checkpoint's short fine-tune with fake quantization)"}
-QAT_NOTE = ("not available yet: quantization-aware training is not implemented (issue #24, item 2); "
-            "a bundle that misses the budget after the float fallback gets no INT8 bundle")
+QatSource = Callable[[Path, Log], tuple[BundleMeta, dict]]
 
 
 @dataclass
@@ -98,20 +103,22 @@ def _step_record(step: str, c: Candidate, seconds: float, budget: float, **extra
 
 def fit_budget(backend: Backend, make_engine, calib_x, gates: list[EvalSet],
                rank_sets: list[EvalSet], opts: Options, settings: Settings, fp32: dict,
-               meta: dict, work: Path, log: Log) -> dict:
+               meta: dict, work: Path, log: Log,
+               qat: tuple[QatSource | None, str] = (None, "no checkpoint given")) -> dict:
     """Plain PTQ; if a gate set's |drift| > budget, the backend's better PTQ; if that misses
     too, keep one more op in float at a time: the one whose own drift (ranked on calibration
     faces, same crop protocol) pushes hardest in the direction of the worst gate's drift, so
     an overshoot is corrected next step. Returns the attempts (`steps`), the `escalation`
     record, the ranking and the chosen candidate (the first within budget, else the one with
-    the smallest worst |drift|)."""
+    the smallest worst |drift|). qat: (a function that fine-tunes the bundle's checkpoint and
+    exports its FP32 parent, or None; why not), see quantize.core."""
     steps: list[dict] = []
     escalation: list[dict] = []
 
-    def attempt(kept: list[dict], o: Options, step: str) -> Candidate:
+    def attempt(kept: list[dict], o: Options, step: str, b: Backend = backend) -> Candidate:
         d = work / f"try_{len(steps)}"
         t = time.perf_counter()
-        info = backend.quantize(calib_x, o, d, exclude=[k["layer"] for k in kept])
+        info = b.quantize(calib_x, o, d, exclude=[k["layer"] for k in kept])
         dt = time.perf_counter() - t
         eng = make_engine(d / info["files"][0])
         res = {g.key: score(eng, meta, g, backend.eval_batch) for g in gates}
@@ -129,6 +136,33 @@ def fit_budget(backend: Backend, make_engine, calib_x, gates: list[EvalSet],
         c = fn()
         return c, time.perf_counter() - t
 
+    out = _ptq(attempt, timed, backend, make_engine, calib_x, gates, rank_sets, opts, settings,
+               meta, work, log, steps, escalation)
+    chosen: Candidate = out["chosen"]
+    if (chosen.ok(settings.budget) or not settings.escalate) and settings.qat != "force":
+        return out
+    fn, why = qat
+    if settings.qat == "off" or fn is None:
+        escalation.append({"step": QAT, "what": STEPS[QAT], "status": "skipped",
+                           "reason": "--qat off" if settings.qat == "off" else why})
+        return out
+    log(f"      {'over the budget' if not chosen.ok(settings.budget) else '--qat force'}: "
+        "quantization-aware fine-tune of the checkpoint")
+    t = time.perf_counter()
+    qmeta, record = fn(work / "qat", log)
+    qb = type(backend)(qmeta, work / "backend_qat")
+    c = attempt([], chosen.opts, QAT, qb)
+    c.info["qat"] = record
+    escalation.append(_step_record(QAT, c, time.perf_counter() - t, settings.budget,
+                                   from_step=chosen.step, qat=record))
+    if abs(c.drift[c.worst]) < abs(chosen.drift[chosen.worst]):
+        out["chosen"] = c
+    return out
+
+
+def _ptq(attempt, timed, backend, make_engine, calib_x, gates, rank_sets, opts, settings, meta,
+         work, log, steps, escalation) -> dict:
+    """Steps 1-3 of the escalation (fit_budget)."""
     first, dt = timed(lambda: attempt([], opts, PLAIN))
     escalation.append(_step_record(PLAIN, first, dt, settings.budget))
     out = {"steps": steps, "escalation": escalation, "calibration_s": first.seconds,
@@ -153,7 +187,6 @@ def fit_budget(backend: Backend, make_engine, calib_x, gates: list[EvalSet],
                 base = better
     if settings.max_float_layers <= 0:
         out["chosen"] = base
-        _qat(escalation)
         return out
     t_fallback = time.perf_counter()
     layers = backend.layers(base.folder)
@@ -185,11 +218,4 @@ def fit_budget(backend: Backend, make_engine, calib_x, gates: list[EvalSet],
                                    ranking_s=out["ranking_s"], layers_ranked=len(layers),
                                    kept_float=[k["label"] or k["layer"] for k in chosen.kept]))
     out["chosen"] = chosen
-    if not chosen.ok(settings.budget):
-        _qat(escalation)
     return out
-
-
-def _qat(escalation: list[dict]) -> None:
-    escalation.append({"step": QAT, "what": STEPS[QAT], "status": "not available yet",
-                       "reason": QAT_NOTE})

@@ -412,14 +412,14 @@ def test_over_budget_fails_with_figures_and_writes_no_bundle(shipped_bundles, tm
     shutil.copytree(out / "onnx_sim_fp32", d / "onnx_sim_fp32")
     res, text = invoke("--bundle-dir", d, "--backend", "onnxruntime", "--budget", 0,
                        "--calib-samples", 32, "--max-float-layers", 1, "--rank-faces", 16,
-                       "--latency-runs", 5)
+                       "--latency-runs", 5, "--qat", "off")
     assert res.exit_code == 1, text
     assert "FAILED" in text and "exceeds the budget" in text
     assert not (d / "onnx_int8").exists()
     assert not [p for p in d.iterdir() if p.name.startswith(".")]     # no staging leftovers
     e = json.loads((d / REPORT).read_text())["backends"]["onnxruntime"]
     assert e["status"] == "failed" and e["int8_bundle"] is None
-    # the whole escalation ran and says so: plain, better, one op in float, QAT not yet
+    # the whole escalation ran and says so: plain, better, one op in float, QAT switched off
     steps = e["search"]["steps"]
     assert [st["step"] for st in steps] == ["plain-ptq", "better-ptq", "float-fallback"]
     assert [len(st["kept_float"]) for st in steps] == [0, 0, 1]
@@ -430,5 +430,5 @@ def test_over_budget_fails_with_figures_and_writes_no_bundle(shipped_bundles, tm
     assert all(s["seconds"] > 0 and not s["within_budget"] for s in esc["steps"][:3])
     # the fallback keeps the best attempt it made (with one op float, or none if that was worse)
     assert esc["steps"][2]["ranking_s"] > 0 and len(esc["steps"][2]["kept_float"]) <= 1
-    assert esc["steps"][3]["status"] == "not available yet"
+    assert esc["steps"][3]["status"] == "skipped" and esc["steps"][3]["reason"] == "--qat off"
     assert e["search"]["ranking_top"] and "drift_points" in e["nme"][HEADLINE]
