@@ -5,7 +5,8 @@ A short fine-tune of the checkpoint's network with fake quantization where the I
 quantize: every Conv2d / Linear weight per output channel (or per tensor, as the PTQ options
 say), symmetric int8 (per-channel scaling commutes with folding a BatchNorm into the
 convolution, so this is also the folded weight's quantization), and every Conv2d / Linear input
-per tensor, uint8, its range the min/max over the calibration crops (as the backends calibrate). Gradients pass through the rounding (straight-through, clipped outside the range:
+per tensor, uint8, its range the min/max over the calibration crops (as the backends
+calibrate). Gradients pass through the rounding (straight-through, clipped outside the range:
 torch.fake_quantize_*). BatchNorm statistics stay frozen. The target is the float network's own
 outputs on the calibration faces (self-distillation: no labels, no test face), with flips and
 brightness/contrast jitter so the fine-tune sees more than the calibration crops. The fine-tuned
@@ -49,7 +50,8 @@ def _fake_quant_weight(torch, w, per_channel: bool = True):
 
 
 class _Fake:
-    """Fake quantization on one module: weight per channel (parametrization) and input per tensor."""
+    """Fake quantization on one module: its weight (a parametrization; per channel or per
+    tensor, a following BatchNorm folded in) and its input (per tensor)."""
 
     def __init__(self, torch, module, momentum: float, per_channel: bool = True, bn=None):
         import torch.nn.utils.parametrize as P

@@ -104,3 +104,45 @@ def test_qat_takes_the_per_tensor_drift_plain_ptq_cannot_hold(shipped_checkpoint
         "backends"]["onnxruntime"]["escalation"]
     assert e["nme"]["wflw:heldout/landmarks"]["drift_points"] == pytest.approx(
         steps[QAT]["drift_points"]["wflw:heldout/landmarks"], abs=1e-9)
+
+
+def test_qat_needs_the_checkpoint_the_bundle_was_exported_from(tiny_checkpoint, tmp_path):
+    """No checkpoint (an imported model), a missing one or a changed one: no QAT step, and the
+    reason names the file; the checkpoint it was exported from: a step to run."""
+    import shutil
+    from types import SimpleNamespace
+
+    from quantize.qat import qat_source
+
+    def job(src):
+        lineage = SimpleNamespace(source_checkpoint=src)
+        return SimpleNamespace(meta=SimpleNamespace(lineage=lineage), parent_dir=tmp_path / "b")
+    fn, why = qat_source(job(None))
+    assert fn is None and "imported model" in why
+    fn, why = qat_source(job({"path": str(tmp_path / "gone.pt"), "sha256": "0" * 64}))
+    assert fn is None and "gone.pt" in why and "not here" in why
+    copy = tmp_path / "ck.pt"
+    shutil.copy(tiny_checkpoint, copy)
+    fn, why = qat_source(job({"path": str(copy), "sha256": "0" * 64}))
+    assert fn is None and "ck.pt has changed" in why
+    fn, why = qat_source(job({"path": str(copy), "sha256": sha256(copy)}))
+    assert callable(fn) and why == ""
+
+
+def test_qat_refuses_faces_that_score_the_bundle():
+    from types import SimpleNamespace
+
+    from quantize.backends import QuantizeError
+    from quantize.qat import qat_faces
+    held = set_info("wflw:heldout").load(None)
+
+    def job(name):
+        return SimpleNamespace(settings=Settings(qat_set=name),
+                               figures=[SimpleNamespace(key="wflw:heldout/landmarks", faces=held)])
+    shares = r"--qat-set wflw:train shares \d+ face\(s\) with wflw:heldout"
+    with pytest.raises(QuantizeError, match=shares):
+        qat_faces(job("wflw:train"))
+    with pytest.raises(QuantizeError, match="--qat-set wflw:nope"):
+        qat_faces(job("wflw:nope"))
+    fit = qat_faces(job("wflw:fit"))
+    assert len(fit) + len(held) == len(set_info("wflw:train").load(None))

@@ -52,8 +52,8 @@ def _photos(pipe, rounds: int) -> None:
     for k in ("detect", "crop", "landmarks", "total"):
         v = np.array([s[k] for s in stages])
         click.echo(f"  {k:9s} {np.median(v):6.2f} / {v.mean():6.2f}")
-    click.echo(f"  faces per photo: median {np.median(faces_arr):.0f}, mean {faces_arr.mean():.2f}; "
-               f"landmark runs per photo: mean {runs_arr.mean():.2f} "
+    click.echo(f"  faces per photo: median {np.median(faces_arr):.0f}, "
+               f"mean {faces_arr.mean():.2f}; landmark runs per photo: mean {runs_arr.mean():.2f} "
                f"({runs_arr.sum() - faces_arr.sum()} second passes on {faces_arr.sum()} faces)")
     found = next(((im, f) for im in images for f in pipe.process(im)), None)
     if found is not None:
