@@ -2,17 +2,18 @@
 exported from a checkpoint trained here (an imported model has no weights to train).
 
 A short fine-tune of the checkpoint's network with fake quantization where the INT8 backends
-quantize: every Conv2d / Linear weight per output channel (or per tensor, as the PTQ options
-say), symmetric int8 (per-channel scaling commutes with folding a BatchNorm into the
-convolution, so this is also the folded weight's quantization), and every Conv2d / Linear input
-per tensor, uint8, its range the min/max over the calibration crops (as the backends
+quantize: every Conv2d / Linear weight, symmetric int8 per output channel (or per tensor, as the
+PTQ options say), with the BatchNorm that follows it folded in first, as the export folds it
+(per channel the fold changes nothing; per tensor it decides the range); and every Conv2d /
+Linear input per tensor, uint8, its range the min/max over the fine-tune crops (as the backends
 calibrate). Gradients pass through the rounding (straight-through, clipped outside the range:
 torch.fake_quantize_*). BatchNorm statistics stay frozen. The target is the float network's own
-outputs on the calibration faces (self-distillation: no labels, no test face), with flips and
-brightness/contrast jitter so the fine-tune sees more than the calibration crops. The fine-tuned
-float weights go into a new checkpoint, which the staged export (export.stages) turns into the
-backend's FP32 parent, parity-checked as always; that parent is then quantized with the same
-post-training options, and its drift is measured against the original FP32 bundle.
+outputs (self-distillation: no labels) on training faces (Settings.qat_set, default wflw:fit:
+never a face that scores the bundle, qat_faces checks), with flips and brightness/contrast
+jitter. The fine-tuned float weights go into a new checkpoint, which the staged export
+(export.stages) turns into the backend's FP32 parent, parity-checked as always; that parent is
+then quantized with the same post-training options, and its drift is measured against the
+original FP32 bundle.
 
     qat_checkpoint("models/heatmap_w05.pt", calib_x, "work/qat.pt", QatOptions(steps=200))
 """
