@@ -10,9 +10,10 @@ one before it misses (`fit_budget`, called once per backend by quantize.core):
 4. quantization-aware training (quantize.qat), for a bundle exported from a checkpoint that
    is here: a short fake-quantized fine-tune, the staged export of its weights into the
    backend's FP32 parent, then the PTQ options of the best step so far, scored against the
-   original FP32 bundle. Settings.qat "off" never runs it, "force" runs it even when an
-   earlier step is within budget (the bundle is then the smaller worst |drift| of the two);
-   an imported model records why it has no QAT step.
+   original FP32 bundle; if it misses too, the float fallback again, from the QAT model.
+   Settings.qat "off" never runs it, "force" runs it even when an earlier step is within
+   budget (the bundle is then the smaller worst |drift| of the two); an imported model
+   records why it has no QAT step.
 
 Every step is recorded (`escalation`: options, seconds, drift per gated figure, within budget
 or not) next to every quantize-and-score attempt (`steps`).
@@ -155,6 +156,14 @@ def fit_budget(backend: Backend, make_engine, calib_x, gates: list[EvalSet],
     c.info["qat"] = record
     escalation.append(_step_record(QAT, c, time.perf_counter() - t, settings.budget,
                                    from_step=chosen.step, qat=record))
+    if not c.ok(settings.budget) and settings.max_float_layers > 0:
+        # QAT, then ops kept in float (ranked again: the fine-tuned model's own sensitivities)
+        ptq_ranking = {k: out.get(k) for k in ("ranking", "ranking_s")}
+        fb = _fallback(attempt, qb, c, make_engine, calib_x, gates, rank_sets, settings, meta,
+                       work / "qat_fallback", log, out)
+        out.update(ptq_ranking)
+        fb.info["qat"] = record
+        c = fb if abs(fb.drift[fb.worst]) < abs(c.drift[c.worst]) else c
     if abs(c.drift[c.worst]) < abs(chosen.drift[chosen.worst]):
         out["chosen"] = c
     return out
@@ -188,6 +197,16 @@ def _ptq(attempt, timed, backend, make_engine, calib_x, gates, rank_sets, opts, 
     if settings.max_float_layers <= 0:
         out["chosen"] = base
         return out
+    out["chosen"] = _fallback(attempt, backend, base, make_engine, calib_x, gates, rank_sets,
+                              settings, meta, work, log, out)
+    return out
+
+
+def _fallback(attempt, backend, base, make_engine, calib_x, gates, rank_sets, settings, meta,
+              work, log, out) -> Candidate:
+    """Step 3 from `base` (a candidate of `backend`): rank its quantized ops, keep them in float
+    one at a time; records the step in out["escalation"] and returns the chosen candidate."""
+    escalation = out["escalation"]
     t_fallback = time.perf_counter()
     layers = backend.layers(base.folder)
     log(f"      over the {settings.budget:.2f}-point budget: ranking {len(layers)} quantized ops "
@@ -207,7 +226,7 @@ def _ptq(attempt, timed, backend, make_engine, calib_x, gates, rank_sets, opts, 
         if not left:
             break
         kept = kept + [max(left, key=lambda r: sign * r["drift_points"][p])]
-        current = attempt(kept, base.opts, FALLBACK)
+        current = attempt(kept, base.opts, FALLBACK, backend)
         if abs(current.drift[current.worst]) < abs(best.drift[best.worst]):
             best = current
         if current.ok(settings.budget):
@@ -217,5 +236,4 @@ def _ptq(attempt, timed, backend, make_engine, calib_x, gates, rank_sets, opts, 
                                    settings.budget, from_step=base.step,
                                    ranking_s=out["ranking_s"], layers_ranked=len(layers),
                                    kept_float=[k["label"] or k["layer"] for k in chosen.kept]))
-    out["chosen"] = chosen
-    return out
+    return chosen

@@ -3,10 +3,12 @@
 Fast: the fake quantization is the backends' grid (a BatchNorm folded in first, so per-tensor
 weights are quantized as the exported, folded convolution's are); every convolution of a PFLD
 finds its BatchNorm. A short fine-tune of the tiny checkpoint on real face crops writes a new,
-exportable checkpoint and leaves the original alone. Slow: the shipped student with per-tensor
-weights, where plain PTQ drifts by well over a point on onnxruntime: QAT (fine-tuned on WFLW
-training faces, never a scored one) takes the drift down to a fraction, and the report and the
-bundle record the step.
+exportable checkpoint and leaves the original alone; QAT runs only from the checkpoint the
+bundle came from and never on a face that scores it. Slow: a budget nothing meets runs every
+step (plain, better, float fallback, QAT, fallback from QAT) on the tiny bundle; and the
+shipped student with per-tensor weights, where plain PTQ drifts by well over a point on
+onnxruntime: QAT (fine-tuned on WFLW training faces, never a scored one) takes the drift down
+to a fraction, and the report and the bundle record the step.
 """
 from __future__ import annotations
 
@@ -146,3 +148,26 @@ def test_qat_refuses_faces_that_score_the_bundle():
         qat_faces(job("wflw:nope"))
     fit = qat_faces(job("wflw:fit"))
     assert len(fit) + len(held) == len(set_info("wflw:train").load(None))
+
+
+@pytest.mark.slow
+def test_a_budget_nothing_meets_runs_every_step_then_writes_nothing(tiny_bundle, tmp_path):
+    """Budget 0: plain PTQ, better PTQ, the float fallback, QAT, and the float fallback from the
+    QAT model all run, in that order, each recorded; no INT8 bundle is written."""
+    import shutil
+
+    from quantize.search import BETTER, FALLBACK
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_bundle, out / "onnx_fp32")
+    settings = Settings(budget=0.0, qat_steps=5, qat_set="wflw:calib", calib_samples=32,
+                        max_float_layers=1, rank_faces=16, eval_sets=(), latency_runs=5,
+                        warmup=1)
+    report, failed = run(out, ["onnxruntime"], settings, log=lambda s: None)
+    e = report["backends"]["onnxruntime"]
+    assert failed == ["onnxruntime"] and e["status"] == "failed"
+    esc = e["escalation"]["steps"]
+    assert [s["step"] for s in esc] == [PLAIN, BETTER, FALLBACK, QAT, FALLBACK]
+    assert esc[4]["from_step"] == QAT and esc[3]["qat"]["options"]["steps"] == 5
+    assert all(s["seconds"] > 0 and not s["within_budget"] for s in esc)
+    assert e["escalation"]["path"] == " -> ".join(s["step"] for s in esc)
+    assert not (out / "onnx_int8").exists()
