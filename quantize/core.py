@@ -26,10 +26,10 @@ For each backend of quantize.backends.BACKENDS:
    until the budget holds or `max_float_layers` are float. Then, for a bundle exported from
    a checkpoint that is still here (same sha256), quantization-aware training (quantize.qat:
    a fake-quantized fine-tune, re-exported to the parent's stage, quantized with the best
-   step's options); an imported model records why it has none. If the budget never holds the backend
-   fails: no bundle is written (it is assembled in runtime.bundle.staging_dir) and run()
-   reports it. The report and meta.json record the path taken, the seconds and the drift of
-   every step ("escalation").
+   step's options); an imported model records why it has none. If the budget never holds
+   the backend fails: no bundle is written (it is assembled in runtime.bundle.staging_dir)
+   and run() reports it. The report and meta.json record the path taken, the seconds and the
+   drift of every step ("escalation").
 5. Write the INT8 bundle (meta.json: calibration set, method, settings, layers kept in float,
    drift figures) and score it again as shipped, reported only: the 505 WFLW test faces with
    both crop protocols (overall and per attribute), the 330 HELEN test faces ("landmarks" protocol),
@@ -173,8 +173,6 @@ def _search(job: Job, backend: Backend, fp32: dict, data: Data, work: Path, log:
                  for p in dict.fromkeys(g.protocol for g in job.gates)]
     return fit_budget(backend, job.engine, job.calib_x, job.gates, rank_sets, opts, settings,
                       fp32, job.meta, work, log, qat=qat_source(job))
-
-
 
 
 def _escalation(search: dict) -> dict:

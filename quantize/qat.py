@@ -34,7 +34,6 @@ class QatOptions:
     steps: int = 300
     batch: int = 32
     lr: float = 1e-4             # a tenth of the training rate: the weights only adapt
-    momentum: float = 0.0        # of the ranges' moving average (0: the calibration min/max)
     per_channel: bool = True    # weights per output channel (as the PTQ options say)
     seed: int = 0
     threads: int = 1
@@ -54,9 +53,9 @@ class _Fake:
     """Fake quantization on one module: its weight (a parametrization; per channel or per
     tensor, a following BatchNorm folded in) and its input (per tensor)."""
 
-    def __init__(self, torch, module, momentum: float, per_channel: bool = True, bn=None):
+    def __init__(self, torch, module, per_channel: bool = True, bn=None):
         import torch.nn.utils.parametrize as P
-        self.torch, self.module, self.momentum = torch, module, momentum
+        self.torch, self.module = torch, module
         self.lo = self.hi = None
         self.enabled, self.calibrating = True, False
 
@@ -78,17 +77,14 @@ class _Fake:
 
     def _input(self, module, args):
         x = args[0]
-        lo, hi = float(x.detach().min()), float(x.detach().max())
-        if self.calibrating:          # min/max over the calibration crops, as the backends do
+        if self.calibrating:          # min/max over the fine-tune crops, as the backends do
+            lo, hi = float(x.detach().min()), float(x.detach().max())
             self.lo = lo if self.lo is None else min(self.lo, lo)
             self.hi = hi if self.hi is None else max(self.hi, hi)
             return None
         if not self.enabled:
             return None
         t = self.torch
-        if module.training and self.momentum:
-            self.lo += self.momentum * (min(lo, self.lo) - self.lo)
-            self.hi += self.momentum * (max(hi, self.hi) - self.hi)
         lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)
         scale = max((hi - lo) / 255.0, 1e-8)
         zp = int(np.clip(round(-lo / scale), 0, 255))
@@ -157,7 +153,7 @@ def qat_checkpoint(checkpoint: str | Path, calib_x: np.ndarray, out: str | Path,
         teacher = ck.build().eval()
         student = copy.deepcopy(teacher)
         bns = _conv_bn_pairs(torch, student)
-        fakes = [_Fake(torch, m, opts.momentum, opts.per_channel, bns.get(id(m)))
+        fakes = [_Fake(torch, m, opts.per_channel, bns.get(id(m)))
                  for m in student.modules() if type(m) in (torch.nn.Conv2d, torch.nn.Linear)]
         if not fakes:
             raise QuantizeError(f"QAT: {checkpoint} has no Conv2d or Linear layer to quantize")
@@ -230,10 +226,11 @@ def qat_faces(job) -> list:
     if len(faces) < MIN_CALIB_FACES:
         raise QuantizeError(f"--qat-set {name} has {len(faces)} faces; QAT needs at least "
                             f"{MIN_CALIB_FACES}")
-    ids = {(str(f.image_path), tuple(np.round(np.asarray(f.points).min(0), 1))) for f in faces}
+    def ident(f):
+        return str(f.image_path), tuple(np.round(np.asarray(f.points).min(0), 1))
+    ids = {ident(f) for f in faces}
     for g in job.figures:
-        shared = sum((str(f.image_path), tuple(np.round(np.asarray(f.points).min(0), 1))) in ids
-                     for f in g.faces)
+        shared = sum(ident(f) in ids for f in g.faces)
         if shared:
             raise QuantizeError(f"--qat-set {name} shares {shared} face(s) with {g.key}, which "
                                 "scores the bundle; fine-tune on training faces it does not hold")

@@ -31,7 +31,7 @@ def test_folded_per_tensor_weights_land_on_the_int8_grid():
     conv, bn = torch.nn.Conv2d(4, 6, 3), torch.nn.BatchNorm2d(6).eval()
     bn.running_var.uniform_(0.01, 4.0)
     bn.weight.data.uniform_(-2.0, 2.0)
-    fake = _Fake(torch, conv, 0.0, per_channel=False, bn=bn)
+    fake = _Fake(torch, conv, per_channel=False, bn=bn)
     f = (bn.weight / torch.sqrt(bn.running_var + bn.eps)).detach().view(-1, 1, 1, 1)
     folded = (conv.weight * f).detach()
     raw = conv.parametrizations.weight.original.detach() * f
