@@ -165,12 +165,12 @@ train-student-wflw: labels
 		--aug-scale 1.15 1.35 --aug-rotate 15 --aug-occlude 0.05 --disagreement-tau 0.1 \
 		--ema 0.998 --threads 1 --out $(WFLW_RUN)
 
-# A wider student for issue 22 (capacity: docs/student.md): width 0.75 (INT8 at about 0.72x
-# GhostOne's FP32 latency in the width study, under GhostOne's OpenVINO INT8), the 4x neck,
+# A wider student for issue 22 (capacity: docs/student.md): width 0.75, the 4x neck,
 # train-student's data plus the real WFLW train labels, from scratch, 120 epochs, the epoch
-# chosen with the held-out detector-box set too. One thread, about 2-3 min an epoch here: a
-# multi-session run, resumable on any machine from resume/student_wide_w075 (committed at each
-# stop while it runs). Writes runs/ only.
+# chosen with the held-out detector-box set too. Its INT8 bundles run at 1.3-1.6x GhostOne's
+# OpenVINO INT8 (the ceiling), so it is the curve's accuracy point, not the ship candidate.
+# One thread, about 5 min an epoch here: a multi-session run, resumable on any machine from
+# resume/student_wide_w075 (committed at each stop while it runs). Writes runs/ only.
 WIDE_RUN ?= runs/student_wide_w075
 train-student-wide: labels
 	@if [ -f resume/student_wide_w075/last.pt ] && [ ! -f $(WIDE_RUN)/last.pt ]; then \

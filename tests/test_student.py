@@ -345,7 +345,48 @@ def test_widened_neck_keeps_the_function_and_round_trips(tmp_path):
     save_checkpoint(tmp_path / "wide.pt", {"arch": wide.arch, **meta, "model": wide.state_dict()})
     again = model_from_checkpoint(load_checkpoint(tmp_path / "wide.pt"))
     assert again.arch == build(wide.arch).arch == wide.arch
-    with pytest.raises(ValueError, match="wider than 32 channels cannot be widened"):
+    with pytest.raises(ValueError, match="neck wider than 32 channels"):
         build_model(replace(cfg, neck=32, init=str(tmp_path / "wide.pt")), list(heads))
     with pytest.raises(ValueError, match="neck 4: at least 8"):
         PFLD(0, 0.25, heads=heads, neck=4)
+
+
+def test_widened_tail_keeps_the_function(tmp_path):
+    """--tail: an --init with the default 14 x 14 output (8 channels at width 0.5) is widened
+    with its 7 x 7 stage and neck, keeping its outputs (the heads read the three stages' features
+    side by side, so each segment moves to its new place); the tail travels in the arch and a
+    narrower tail is refused."""
+    from train.engine import TrainConfig, build_model, load_checkpoint, model_from_checkpoint, \
+        save_checkpoint
+    from runtime.preprocess import Preprocess
+    from train.model import PFLD, build
+    torch.manual_seed(0)
+    heads = {"300w68": 68, "wflw98": 98}
+    narrow = PFLD(0, 0.5, heads=heads).eval()
+    for m in narrow.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    meta = {"scheme": "300w68", "preprocess": Preprocess().to_meta()}
+    save_checkpoint(tmp_path / "narrow.pt", {"arch": narrow.arch, **meta,
+                                             "model": narrow.state_dict()})
+    cfg = TrainConfig(width=0.5, neck=96, tail=32, heads=tuple(heads),
+                      init=str(tmp_path / "narrow.pt"))
+    wide = build_model(cfg, list(heads)).eval()
+    assert narrow.s2[0].in_channels == 8
+    assert (wide.s2[0].in_channels, wide.s2[0].out_channels, wide.s3[0].out_channels) == (32, 64, 96)
+    assert wide.aux[2][0].out_channels == narrow.aux[2][0].out_channels   # the pose branch keeps
+    x = torch.randn(3, 3, 112, 112)
+    with torch.inference_mode():
+        a, b = narrow.forward_heads(x), wide.forward_heads(x)
+        fresh = PFLD(0, 0.5, heads=heads, neck=96, tail=32).eval().forward_heads(x)
+    for k in heads:
+        assert torch.allclose(a[k], b[k], atol=1e-5)
+        assert (a[k] - fresh[k]).abs().max() > 1e-2
+    save_checkpoint(tmp_path / "wide.pt", {"arch": wide.arch, **meta, "model": wide.state_dict()})
+    again = model_from_checkpoint(load_checkpoint(tmp_path / "wide.pt"))
+    assert again.arch == build(wide.arch).arch == wide.arch and again.arch["tail"] == 32
+    with pytest.raises(ValueError, match="tail wider than 16 cannot be widened"):
+        build_model(replace(cfg, tail=16, init=str(tmp_path / "wide.pt")), list(heads))
+    with pytest.raises(ValueError, match="tail 4: at least 8"):
+        PFLD(0, 0.5, heads=heads, tail=4)

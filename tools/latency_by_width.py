@@ -2,6 +2,7 @@
 
     python tools/latency_by_width.py --teacher artifacts/pfld_ghostone/onnx_sim_fp32
     python tools/latency_by_width.py --teacher ... --widths 0.5 --necks 0,256   # neck widths
+    python tools/latency_by_width.py --teacher ... --widths 0.5 --necks 256 --tails 0,16,32
 
 Latency does not depend on the weights, so each width is a freshly initialised two-head
 (68 + 98) PFLD, exported to ONNX and quantized by the onnxruntime backend on the real WFLW
@@ -27,7 +28,7 @@ from runtime.decode import Landmarker
 from runtime.engines import OnnxRuntimeEngine
 
 
-def _int8_of_width(width: float, work: Path, calib: np.ndarray, neck: int = 0) -> Path:
+def _int8_of_width(width: float, work: Path, calib: np.ndarray, neck: int = 0, tail: int = 0) -> Path:
     import torch
 
     from export.stages import export_all
@@ -35,8 +36,8 @@ def _int8_of_width(width: float, work: Path, calib: np.ndarray, neck: int = 0) -
     from train.engine import save_checkpoint
     from train.model import PFLD
     torch.manual_seed(0)
-    m = PFLD(0, width, heads={"300w68": 68, "wflw98": 98}, neck=neck or None).eval()
-    tag = f"{width}_n{neck}"
+    m = PFLD(0, width, heads={"300w68": 68, "wflw98": 98}, neck=neck or None, tail=tail or None).eval()
+    tag = f"{width}_n{neck}_t{tail}"
     ck = work / f"w{tag}.pt"
     save_checkpoint(ck, {"arch": m.arch, "scheme": "300w68", "preprocess": Preprocess().to_meta(),
                          "model": m.state_dict()})
@@ -52,11 +53,13 @@ def _int8_of_width(width: float, work: Path, calib: np.ndarray, neck: int = 0) -
 @click.option("--widths", default="0.5,0.75,1.0", show_default=True)
 @click.option("--necks", default="0", show_default=True,
               help="last-stage channels to try at each width (0: 128 x width)")
+@click.option("--tails", default="0", show_default=True,
+              help="14 x 14 output channels to try (0: 16 x width; the 7 x 7 stage gets twice)")
 @click.option("--runs", default=300, show_default=True)
 @click.option("--also", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="other bundles to time in the same run (e.g. artifacts/pfld68_w05/onnx_int8)")
 @click.option("--out", default="artifacts/latency_by_width.json", show_default=True)
-def main(teacher, widths, necks, runs, also, out):
+def main(teacher, widths, necks, tails, runs, also, out):
     calib_faces = scored_set("wflw:calib").faces()
     lm = Landmarker.open(teacher, threads=1)
     calib = face_batch(calib_faces, lm.pre, "rect")
@@ -68,9 +71,10 @@ def main(teacher, widths, necks, runs, also, out):
     with tempfile.TemporaryDirectory() as tmp:
         for w in (float(v) for v in widths.split(",")):
             for n in (int(v) for v in necks.split(",")):
-                path = _int8_of_width(w, Path(tmp), calib, n)
-                fns[f"two-head PFLD width {w}{f' neck {n}' if n else ''} int8"] = \
-                    OnnxRuntimeEngine(path, threads=1)
+                for tl in (int(v) for v in tails.split(",")):
+                    path = _int8_of_width(w, Path(tmp), calib, n, tl)
+                    name = f"width {w}{f' neck {n}' if n else ''}{f' tail {tl}' if tl else ''}"
+                    fns[f"two-head PFLD {name} int8"] = OnnxRuntimeEngine(path, threads=1)
         t = time_interleaved(fns, x1, warmup=30, runs=runs)
     ref = next(iter(t.values()))["median_ms"]
     rows = [{"model": k, **v, "ratio_to_teacher": v["median_ms"] / ref} for k, v in t.items()]

@@ -76,6 +76,7 @@ class TrainConfig:
     select_on_boxes: bool = False        # the held-out pool faces cropped from their detector
                                          # boxes join the selection mean (always logged)
     neck: int = 0                        # PFLD's last-stage channels (0: 128 x width; train/model.py)
+    tail: int = 0                        # PFLD's 14 x 14 output channels (0: 16 x width)
     family: str = "pfld"                 # train.family.FAMILIES: pfld (coordinate regression) |
                                          # heatmap (train/heatmap.py)
     hm_encoding: str = "continuous"      # heatmap targets: continuous | rounded (the baseline)

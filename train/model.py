@@ -53,18 +53,27 @@ class InvertedResidual(nn.Module):
 
 class PFLD(nn.Module):
     def __init__(self, num_points: int = 68, width: float = 1.0, input_size: int = 112,
-                 heads: dict[str, int] | None = None, neck: int | None = None):
+                 heads: dict[str, int] | None = None, neck: int | None = None,
+                 tail: int | None = None):
         """neck: channels of the last (7 x 7 -> 1 x 1) stage, the only one whose features reach
         the heads with their spatial layout (the others are averaged); default 128 x width.
-        It costs next to no latency (one 7 x 7 conv on a 7 x 7 map)."""
+        It costs next to no latency (one 7 x 7 conv on a 7 x 7 map).
+        tail: channels of the 14 x 14 stage's output, through which every spatial feature
+        passes on its way to the neck (the 7 x 7 stage gets twice as many); default 16 x width,
+        8 channels at width 0.5."""
         super().__init__()
         if input_size != 112:
             raise ConfigError("PFLD's head assumes a 112 x 112 input")
         if neck is not None and neck < 8:
             raise ConfigError(f"neck {neck}: at least 8 channels")
-        self.num_points, self.width, self.neck = num_points, width, neck
+        if tail is not None and tail < 8:
+            raise ConfigError(f"tail {tail}: at least 8 channels")
+        self.num_points, self.width, self.neck, self.tail = num_points, width, neck, tail
         self.head_points = dict(heads) if heads else None
         c64, c128, c16, c32 = (_ch(c, width) for c in (64, 128, 16, 32))
+        a32 = c32                  # the pose branch (training only) keeps its width either way
+        if tail:
+            c16, c32 = tail, 2 * tail
         cn = neck or c128
         self.stem = nn.Sequential(conv_bn(3, c64, 3, 2), conv_bn(c64, c64, 3, 1, groups=c64))
         self.block4 = nn.Sequential(InvertedResidual(c64, c64, 2, 2),
@@ -85,7 +94,7 @@ class PFLD(nn.Module):
             nn.init.constant_(self.fc.bias, 0.5)   # start from the crop centre, not the corner
         # auxiliary pose branch (training only)
         self.aux = nn.Sequential(conv_bn(c64, c128, 3, 2), conv_bn(c128, c128, 3, 1),
-                                 conv_bn(c128, c32, 3, 2), conv_bn(c32, c128, 7, 1, p=1),
+                                 conv_bn(c128, a32, 3, 2), conv_bn(a32, c128, 7, 1, p=1),
                                  nn.AdaptiveMaxPool2d(1), nn.Flatten(),
                                  nn.Linear(c128, 32), nn.Linear(32, 3))
 
@@ -112,7 +121,8 @@ class PFLD(nn.Module):
     @property
     def arch(self) -> dict:
         """The 'arch' dict a checkpoint stores; build(arch) makes the same network."""
-        a = {"width": self.width, "input_size": 112, **({"neck": self.neck} if self.neck else {})}
+        a = {"width": self.width, "input_size": 112, **({"neck": self.neck} if self.neck else {}),
+             **({"tail": self.tail} if self.tail else {})}
         if self.head_points:
             return {"heads": dict(self.head_points), **a}
         return {"num_points": self.num_points, **a}
@@ -127,7 +137,8 @@ def build(arch: dict) -> PFLD:
     heads = arch.get("heads")
     return PFLD(int(arch.get("num_points", 0) or 68), float(arch["width"]),
                 int(arch.get("input_size", 112)), {k: int(v) for k, v in heads.items()} if heads else None,
-                int(arch["neck"]) if arch.get("neck") else None)
+                int(arch["neck"]) if arch.get("neck") else None,
+                int(arch["tail"]) if arch.get("tail") else None)
 
 
 def named_heads(arch: dict) -> list[str]:
@@ -166,28 +177,47 @@ def load_partial(model: PFLD, state: dict) -> list[str]:
     return [k for k in own if k not in fit]
 
 
+def _segments(c16: int, c32: int, cn: int) -> list[tuple[int, int]]:
+    """(start, length) of the s1 / s2 / s3 features in the heads' input."""
+    return [(0, c16), (c16, c32), (c16 + c32, cn)]
+
+
 def widen_neck(model: PFLD, state: dict) -> list[str]:
-    """Load a PFLD with a narrower neck into `model`, preserving its function (Net2Net-style):
-    the old neck channels are copied, the new ones start at their initialisation, and the heads'
-    weights on the new features start at zero, so the network computes exactly what the old one
-    did and training grows the new channels from there. Returns the widened tensors' names."""
+    """Load a PFLD with a narrower neck and/or tail into `model`, preserving its function
+    (Net2Net-style): the old channels are copied, the new ones start at their initialisation,
+    and every weight that reads a new channel (the next convolution's, the heads') starts at
+    zero, so the network computes exactly what the old one did and training grows the new
+    channels from there. Returns the widened tensors' names."""
     own, state = model.state_dict(), dict(state)
+    last = f"block5.{len(model.block5) - 1}.block.2."
+    old_c16 = state[f"{last}0.weight"].shape[0] if f"{last}0.weight" in state else None
+    old_c32 = state["s2.0.weight"].shape[0] if "s2.0.weight" in state else None
+    old_cn = state["s3.0.weight"].shape[0] if "s3.0.weight" in state else None
     grown = []
     for k, v in list(state.items()):
         head = k.startswith(("heads.", "fc."))
-        if k in own and own[k].shape != v.shape and own[k].dim() == v.dim() \
-                and all(a >= b for a, b in zip(own[k].shape, v.shape)) \
-                and (head or k.startswith("s3.")):
-            t = own[k].clone()
-            if head and k.endswith(".weight"):
-                t.zero_()
+        if k not in own or own[k].shape == v.shape or own[k].dim() != v.dim() \
+                or not (head or k.startswith(("s2.", "s3.", last))) \
+                or not all(a >= b for a, b in zip(own[k].shape, v.shape)):
+            continue
+        t = own[k].clone()
+        if head and k.endswith(".weight"):
+            t.zero_()
+            new_c16, new_c32 = model.s2[0].in_channels, model.s2[0].out_channels
+            for (o0, n), (n0, _) in zip(_segments(old_c16, old_c32, old_cn),
+                                        _segments(new_c16, new_c32, model.s3[0].out_channels)):
+                t[: v.shape[0], n0:n0 + n] = v[:, o0:o0 + n]
+        else:
+            if t.dim() == 4 and t.shape[1] > v.shape[1]:
+                t[:, v.shape[1]:] = 0          # reads a new channel: starts at zero
             t[tuple(slice(0, n) for n in v.shape)] = v
-            state[k] = t
-            grown.append(k)
+        state[k] = t
+        grown.append(k)
     missing = [k for k in load_partial(model, state) if not k.endswith("num_batches_tracked")]
     if missing:
-        raise ConfigError(f"an --init neck wider than {model.s3[0].out_channels} channels cannot "
-                         f"be widened into it (no source for {', '.join(missing)})")
+        raise ConfigError(f"an --init with a neck wider than {model.s3[0].out_channels} channels "
+                         f"or a tail wider than {model.s2[0].in_channels} cannot be widened into "
+                         f"it (no source for {', '.join(missing)})")
     return grown
 
 
@@ -199,22 +229,24 @@ def count_params(model: nn.Module, inference_only: bool = True) -> int:
 def build_for_training(cfg, heads: list[str]) -> PFLD:
     """The PFLD of a training run (cfg: train.engine.TrainConfig): one head of the dataset's
     scheme, or one per --heads scheme; from --init weights when given (the same arch loaded,
-    a narrower neck widened keeping its function, other head layouts partially)."""
+    a narrower neck or tail widened keeping its function, other head layouts partially)."""
     from train.checkpoint import Checkpoint
-    neck = cfg.neck or None
+    neck, tail = cfg.neck or None, cfg.tail or None
     if len(heads) == 1 and not cfg.heads:
-        model = PFLD(get_scheme(heads[0]).num_points, cfg.width, neck=neck)
+        model = PFLD(get_scheme(heads[0]).num_points, cfg.width, neck=neck, tail=tail)
     else:
-        model = PFLD(0, cfg.width, heads={h: get_scheme(h).num_points for h in heads}, neck=neck)
+        model = PFLD(0, cfg.width, heads={h: get_scheme(h).num_points for h in heads}, neck=neck,
+                     tail=tail)
     if cfg.init:
         init = Checkpoint.load(cfg.init)
         if init.arch == model.arch:
             model.load_state_dict(init.weights)
-        elif {k: v for k, v in init.arch.items() if k != "neck"} == \
-                {k: v for k, v in model.arch.items() if k != "neck"}:
+        elif {k: v for k, v in init.arch.items() if k not in ("neck", "tail")} == \
+                {k: v for k, v in model.arch.items() if k not in ("neck", "tail")}:
             grown = widen_neck(model, init.weights)
-            print(f"--init {cfg.init}: neck widened to {model.arch.get('neck')} channels, "
-                  f"function kept ({', '.join(grown)})", flush=True)
+            print(f"--init {cfg.init}: neck {model.s3[0].out_channels}, tail "
+                  f"{model.s2[0].in_channels} channels, function kept ({', '.join(grown)})",
+                  flush=True)
         else:
             if float(init.width) != cfg.width:
                 raise ConfigError(f"--init {cfg.init} holds a width-{init.width} PFLD, "

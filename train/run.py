@@ -61,6 +61,7 @@ def cli():
 @click.option("--max-disagreement", default=DEFAULTS.max_disagreement, show_default=True, help="drop pool faces whose mean flip disagreement (x eye distance) is larger")
 @click.option("--select-on-boxes", is_flag=True, help="the held-out pool faces cropped from their detector boxes (logged as val_<labels>_box) join the held-out mean that chooses the epoch")
 @click.option("--neck", default=DEFAULTS.neck, show_default=True, help="PFLD: channels of the last (7x7 -> 1x1) stage, whose features reach the heads with their spatial layout (0: 128 x width); an --init with a narrower neck is widened keeping its function")
+@click.option("--tail", default=DEFAULTS.tail, show_default=True, help="PFLD: channels of the 14x14 stage's output, through which every spatial feature reaches the neck (0: 16 x width, 8 at width 0.5; the 7x7 stage gets twice as many); an --init with a narrower tail is widened keeping its function")
 @click.option("--family", type=click.Choice(list(FAMILIES)), default=DEFAULTS.family, show_default=True, help="; ".join(f"{f.name}: {f.summary}" for f in FAMILIES.values()))
 @click.option("--hm-encoding", type=click.Choice(["continuous", "rounded"]), default=DEFAULTS.hm_encoding, show_default=True, help="heatmap targets centred at the exact location or rounded to a heatmap pixel")
 @click.option("--hm-decoder", type=click.Choice(["local_soft_argmax", "argmax_quarter", "global_soft_argmax"]), default=DEFAULTS.hm_decoder, show_default=True)
